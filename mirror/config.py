@@ -1,0 +1,172 @@
+"""One frozen, typed Config, built once at start: flags > environment > TOML file > defaults.
+
+No other module reads the environment; everything it needs is passed in from here.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from mirror.reference import DOCKER_HUB
+
+DEFAULT_LISTEN = "0.0.0.0:5000"
+DEFAULT_DATA = "./mirror-data"
+DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+DEFAULT_TAG_TTL = 300.0
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the setting."""
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: str | float | int, setting: str = "duration") -> float:
+    """Seconds from `300`, `90s`, `5m`, `1h`, `7d`."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(str(value))
+        if not match:
+            raise ConfigError(f"{setting}: {value!r} is not a duration (e.g. 300, 90s, 5m, 1h)")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds < 0:
+        raise ConfigError(f"{setting}: must not be negative")
+    return seconds
+
+
+def parse_listen(value: str, setting: str = "listen") -> tuple[str, int]:
+    """`HOST:PORT`, `:PORT` (all interfaces) or `[v6]:PORT`."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{setting}: {value!r} is not HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def parse_upstream_url(value: str, setting: str = "upstream") -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{setting}: {value!r} must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """One upstream registry the mirror stands in for."""
+
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # never printed
+    tag_ttl: float = DEFAULT_TAG_TTL
+
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        if self.username and self.password is not None:
+            return self.username, self.password
+        return None
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 5000
+    data_dir: Path = Path(DEFAULT_DATA)
+    registries: Mapping[str, RegistryConfig] = field(
+        default_factory=lambda: {DOCKER_HUB: RegistryConfig(DOCKER_HUB, DEFAULT_UPSTREAM)}
+    )
+
+    @property
+    def registry_names(self) -> frozenset[str]:
+        return frozenset(self.registries)
+
+
+# setting name -> (environment variable, TOML key)
+_SOURCES = {
+    "listen": ("MIRROR_LISTEN", "listen"),
+    "data": ("MIRROR_DATA", "data"),
+    "upstream": ("MIRROR_UPSTREAM", "upstream"),
+    "upstream_username": ("MIRROR_UPSTREAM_USERNAME", "upstream_username"),
+    "upstream_password_file": (None, "upstream_password_file"),
+    "tag_ttl": ("MIRROR_TAG_TTL", "tag_ttl"),
+}
+_DEFAULTS: dict[str, Any] = {
+    "listen": DEFAULT_LISTEN,
+    "data": DEFAULT_DATA,
+    "upstream": DEFAULT_UPSTREAM,
+    "upstream_username": None,
+    "upstream_password_file": None,
+    "tag_ttl": DEFAULT_TAG_TTL,
+}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from exc
+    unknown = set(data) - {toml_key for _env, toml_key in _SOURCES.values()}
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) in {path}: {', '.join(sorted(unknown))}")
+    return data
+
+
+def _read_secret_file(path: str) -> str:
+    try:
+        return Path(path).read_text().strip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"upstream_password_file: cannot read {path}: {exc.strerror}") from exc
+
+
+def load_config(
+    flags: Mapping[str, Any], env: Mapping[str, str], config_file: str | None = None
+) -> Config:
+    """Merge the sources; `flags` holds only the flags the user gave (None means not given)."""
+    file_values = _read_toml(Path(config_file)) if config_file else {}
+
+    def pick(name: str) -> Any:
+        env_var, toml_key = _SOURCES[name]
+        if flags.get(name) is not None:
+            return flags[name]
+        if env_var and env.get(env_var):
+            return env[env_var]
+        if toml_key in file_values:
+            return file_values[toml_key]
+        return _DEFAULTS[name]
+
+    host, port = parse_listen(str(pick("listen")))
+    password: str | None = None
+    # A password given directly in the environment outranks the file only when no flag names a file.
+    password_file = flags.get("upstream_password_file")
+    if password_file:
+        password = _read_secret_file(password_file)
+    elif env.get("MIRROR_UPSTREAM_PASSWORD"):
+        password = env["MIRROR_UPSTREAM_PASSWORD"]
+    elif file_values.get("upstream_password_file"):
+        password = _read_secret_file(str(file_values["upstream_password_file"]))
+
+    hub = RegistryConfig(
+        name=DOCKER_HUB,
+        url=parse_upstream_url(str(pick("upstream"))),
+        username=pick("upstream_username"),
+        password=password,
+        tag_ttl=parse_duration(pick("tag_ttl"), "tag_ttl"),
+    )
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        data_dir=Path(str(pick("data"))),
+        registries={DOCKER_HUB: hub},
+    )

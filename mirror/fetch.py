@@ -1,0 +1,281 @@
+"""Single-flight blob fetches: one upstream download per digest, any number of readers.
+
+The first request for a missing blob starts a download task that owns the upstream response
+and a temp file. Every request for that digest meanwhile (any repository, whole or ranged)
+reads the growing file through its own file descriptor, so memory stays flat whatever the
+blob size or the number of readers. Readers only observe the fetch; a client that leaves
+does not touch the download the others depend on.
+
+Integrity rule: no reader sends the final byte of its response before the whole blob was
+verified. If the digest does not match, every reader aborts its connection, so no client ever
+sees a clean end of a wrong body (a short body is what a failed fill must look like).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from mirror.errors import RegistryError
+from mirror.store.blobs import BlobStore, BlobWriter, DigestMismatch
+from mirror.store.index import Index
+from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, status_error
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+MAX_RESUMES = 5
+RESUME_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0)
+CDN_EXPIRED = {403, 404, 410}  # a signed CDN URL that expired: ask the registry again
+
+
+@dataclass(slots=True)
+class CachedBlob:
+    file: BinaryIO
+    size: int
+
+
+class InflightFetch:
+    """The observable state of one download, shared by all its readers."""
+
+    def __init__(self, digest: str, writer: BlobWriter) -> None:
+        self.digest = digest
+        self.path: Path = writer.temp_path  # switches to the final path at commit
+        self.size: int | None = None
+        self.received = 0
+        self.verified = False
+        self.error: BaseException | None = None
+        loop = asyncio.get_running_loop()
+        self._started: asyncio.Future[None] = loop.create_future()
+        self._progress: asyncio.Future[None] = loop.create_future()
+
+    # -- writer side -------------------------------------------------------------------------
+    def started(self, size: int | None) -> None:
+        self.size = size
+        if not self._started.done():
+            self._started.set_result(None)
+
+    def advanced(self, received: int) -> None:
+        self.received = received
+        self._wake()
+
+    def succeeded(self, final_path: Path) -> None:
+        self.path = final_path
+        self.verified = True
+        self.size = self.received
+        self._wake()
+
+    def failed(self, error: BaseException) -> None:
+        self.error = error
+        if not self._started.done():
+            self._started.set_exception(error)
+            self._started.exception()  # mark retrieved: a fetch nobody awaits must not warn
+        self._wake()
+
+    def _wake(self) -> None:
+        done, self._progress = self._progress, asyncio.get_running_loop().create_future()
+        done.set_result(None)
+
+    # -- reader side -------------------------------------------------------------------------
+    async def wait_started(self) -> None:
+        """Wait for the upstream response headers; raises the upstream's error if there was one."""
+        await asyncio.shield(self._started)
+
+    async def wait_progress(self) -> None:
+        await asyncio.shield(self._progress)
+
+    def readable_until(self, end: int | None) -> int:
+        """How far a reader whose response ends at `end` may send now.
+
+        Until verification, the reader's final byte is held back (see module docstring).
+        """
+        stop = self.received if end is None else min(end, self.received)
+        if self.verified:
+            return stop
+        final = self.received if end is None else end
+        return max(0, min(stop, final - 1))
+
+    def check(self) -> None:
+        """Raise if the fetch failed: before a response started this becomes a JSON error,
+        after it the connection is dropped (see app.registry_errors)."""
+        if isinstance(self.error, RegistryError):
+            raise self.error
+        if self.error is not None:
+            raise RegistryError.unavailable("upstream blob failed verification") from self.error
+
+
+class BlobFetcher:
+    """The in-flight table and the download tasks it owns."""
+
+    def __init__(
+        self, store: BlobStore, index: Index, clients: Mapping[str, RegistryClient]
+    ) -> None:
+        self._store = store
+        self._index = index
+        self._clients = clients
+        self._inflight: dict[str, InflightFetch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def open_or_join(
+        self, registry: str, repository: str, digest: str
+    ) -> CachedBlob | tuple[InflightFetch, bool]:
+        """A verified file to serve, or the fetch to follow (joined, or started now).
+
+        No index round trip: a file under its final name was verified before the rename, so
+        opening it is the lookup. All synchronous, so no fetch can finish or start in between;
+        the open descriptor keeps serving even if eviction unlinks the file meanwhile.
+        """
+        fetch = self._inflight.get(digest)
+        if fetch is not None:
+            return fetch, True
+        try:
+            f = open(self._store.path(digest), "rb")  # noqa: SIM115 - closed by the caller
+        except FileNotFoundError:
+            return self.join(registry, repository, digest)
+        return CachedBlob(f, os.fstat(f.fileno()).st_size)
+
+    def has(self, digest: str) -> bool:
+        return digest in self._inflight or self._store.path(digest).exists()
+
+    async def upstream_size(self, registry: str, repository: str, digest: str) -> int:
+        """Answer a HEAD for a missing blob without downloading it (HEADs are free upstream)."""
+        resp = await self._clients[registry].request("HEAD", repository, f"blobs/{digest}")
+        async with resp:
+            if resp.status != 200 or resp.content_length is None:
+                raise status_error(resp.status, resp.headers, "blob", digest)
+            return resp.content_length
+
+    def join(self, registry: str, repository: str, digest: str) -> tuple[InflightFetch, bool]:
+        """The fetch for `digest`, started now unless one runs; and whether one already ran.
+
+        Synchronous on purpose: checking the table and inserting into it cannot interleave
+        with another request on the event loop.
+        """
+        fetch = self._inflight.get(digest)
+        if fetch is not None:
+            return fetch, True
+        writer = self._store.writer(digest)
+        fetch = InflightFetch(digest, writer)
+        self._inflight[digest] = fetch
+        task = asyncio.create_task(self._run(fetch, writer, self._clients[registry], repository))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fetch, False
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(
+        self, fetch: InflightFetch, writer: BlobWriter, client: RegistryClient, repository: str
+    ) -> None:
+        try:
+            media_type = await self._download(fetch, writer, client, repository)
+            final_path = await writer.commit()
+            # Index before the fetch leaves the table: a request arriving in between still
+            # finds the fetch, one arriving after finds the row; never neither.
+            fetch.succeeded(final_path)
+            await writer.sync_directory()
+            await self._index.add_blob(fetch.digest, fetch.received, media_type)
+        except asyncio.CancelledError:
+            writer.discard()
+            fetch.failed(RegistryError.unavailable("mirror shutting down"))
+            raise
+        except DigestMismatch as exc:
+            log.error("blob %s from %s: %s; discarded", fetch.digest, client.registry.name, exc)
+            writer.discard()
+            fetch.failed(exc)
+        except Exception as exc:
+            if not isinstance(exc, RegistryError):
+                log.warning("blob %s: fetch failed: %r", fetch.digest, exc)
+            writer.discard()
+            fetch.failed(exc)
+        finally:
+            self._inflight.pop(fetch.digest, None)
+
+    async def _download(
+        self, fetch: InflightFetch, writer: BlobWriter, client: RegistryClient, repository: str
+    ) -> str | None:
+        """Fill the temp file, resuming with Range after a cut; return the upstream media type."""
+        media_type: str | None = None
+        failures = 0
+        while True:
+            headers = {"Range": f"bytes={writer.received}-"} if writer.received else {}
+            try:
+                resp = await client.request("GET", repository, f"blobs/{fetch.digest}", headers)
+                async with resp:
+                    if resp.status not in (200, 206):
+                        error = status_error(resp.status, resp.headers, "blob", fetch.digest)
+                        from_cdn = resp.url.host != urlsplit(client.registry.url).hostname
+                        # An expired CDN URL, or a 5xx mid-transfer (the client already retried
+                        # a 5xx before the first byte), is worth a fresh request and a resume.
+                        if (from_cdn and resp.status in CDN_EXPIRED) or (
+                            error.status >= 500 and writer.received
+                        ):
+                            raise ConnectionError(f"upstream answered {resp.status}")
+                        raise error
+                    skip = _resume_offset(resp, writer.received)
+                    if fetch.size is None and not writer.received:
+                        media_type = resp.headers.get("Content-Type")
+                        fetch.started(_total_size(resp))
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        if skip:
+                            cut = min(skip, len(chunk))
+                            chunk, skip = chunk[cut:], skip - cut
+                            if not chunk:
+                                continue
+                        writer.write(chunk)
+                        if fetch.size is not None and writer.received > fetch.size:
+                            raise DigestMismatch(fetch.digest, "more bytes than announced")
+                        fetch.advanced(writer.received)
+                if fetch.size is None or writer.received == fetch.size:
+                    return media_type
+                raise ConnectionError("upstream body ended early")
+            except (*TRANSIENT_ERRORS, ConnectionError) as exc:
+                failures += 1
+                if failures > MAX_RESUMES:
+                    raise RegistryError.unavailable("upstream blob transfer kept failing") from exc
+                log.info(
+                    "blob %s: upstream cut at %d bytes (%s); resuming",
+                    fetch.digest,
+                    writer.received,
+                    type(exc).__name__,
+                )
+                await asyncio.sleep(RESUME_DELAYS[min(failures, len(RESUME_DELAYS)) - 1])
+
+
+def _resume_offset(resp: aiohttp.ClientResponse, received: int) -> int:
+    """Bytes of this response to drop because we already have them.
+
+    A 206 must start exactly where we stopped; a 200 (the server ignored Range) restarts from
+    zero, and the first `received` bytes are skipped rather than written twice.
+    """
+    if resp.status == 200:
+        return received
+    content_range = resp.headers.get("Content-Range", "")
+    try:
+        start = int(content_range.split(" ", 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        raise ConnectionError("206 without a usable Content-Range") from None
+    if start != received:
+        raise ConnectionError(f"206 starts at {start}, expected {received}")
+    return 0
+
+
+def _total_size(resp: aiohttp.ClientResponse) -> int | None:
+    if resp.status == 206:
+        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    return resp.content_length

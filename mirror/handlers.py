@@ -1,0 +1,79 @@
+"""Thin HTTP handlers: parse the request, ask the cache, respond. No business logic here."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mirror.errors import RegistryError
+from mirror.fetch import CachedBlob
+from mirror.keys import CONFIG, FETCHER, INDEX, RESOLVER, UPSTREAMS
+from mirror.mediatypes import parse_accept
+from mirror.reference import Endpoint, Route, parse_v2_path
+from mirror.responses import (
+    manifest_response,
+    send_blob_head,
+    send_cached_blob,
+    send_inflight_blob,
+)
+from mirror.tags import list_tags
+
+API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+READ_METHODS = ("GET", "HEAD")
+
+
+async def v2_root(request: web.Request) -> web.Response:
+    """The API version check. No challenge: Docker would send the user's Hub login (moby#42022)."""
+    if request.method not in READ_METHODS:
+        raise RegistryError.unsupported()
+    return web.Response(body=b"{}", content_type="application/json", headers=API_VERSION_HEADER)
+
+
+async def v2_dispatch(request: web.Request) -> web.StreamResponse:
+    if request.method not in READ_METHODS:
+        raise RegistryError.unsupported()
+    config = request.app[CONFIG]
+    route = parse_v2_path(
+        request.match_info["path"], request.query.get("ns"), config.registry_names
+    )
+    request["route"] = route
+    if route.endpoint is Endpoint.MANIFEST:
+        return await manifest(request, route)
+    if route.endpoint is Endpoint.BLOB:
+        return await blob(request, route)
+    if route.endpoint is Endpoint.TAGS:
+        return await tags(request, route)
+    raise RegistryError.not_found_route(request.path)
+
+
+async def manifest(request: web.Request, route: Route) -> web.Response:
+    client_types = parse_accept(request.headers.getall("Accept", []))
+    found, result = await request.app[RESOLVER].for_client(route, client_types)
+    request["cache"] = result
+    return manifest_response(request, found)
+
+
+async def blob(request: web.Request, route: Route) -> web.StreamResponse:
+    fetcher = request.app[FETCHER]
+    digest = route.reference
+    if request.method == "HEAD" and not fetcher.has(digest):
+        # A HEAD never starts a download: it is answered with an upstream HEAD, which is free.
+        size = await fetcher.upstream_size(route.registry, route.repository, digest)
+        request["cache"] = "miss"
+        return await send_blob_head(request, digest, size)
+    found = fetcher.open_or_join(route.registry, route.repository, digest)
+    if isinstance(found, CachedBlob):
+        request["cache"] = "hit"
+        with found.file:
+            return await send_cached_blob(request, found.file, digest, found.size)
+    fetch, joined = found
+    request["cache"] = "coalesced" if joined else "miss"
+    return await send_inflight_blob(request, fetch)
+
+
+async def tags(request: web.Request, route: Route) -> web.Response:
+    cached = await request.app[INDEX].list_tags(route.registry, route.repository)
+    body, link = await list_tags(
+        request.app[UPSTREAMS][route.registry], route, dict(request.query), request.path, cached
+    )
+    headers = {"Link": link} if link else {}
+    return web.Response(body=body, content_type="application/json", headers=headers)

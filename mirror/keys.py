@@ -1,0 +1,19 @@
+"""Typed keys for the long-lived objects that live on the aiohttp Application."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mirror.config import Config
+from mirror.fetch import BlobFetcher
+from mirror.manifests import ManifestResolver
+from mirror.store.blobs import BlobStore
+from mirror.store.index import Index
+from mirror.upstream.client import RegistryClient
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", BlobStore)
+INDEX = web.AppKey("index", Index)
+UPSTREAMS = web.AppKey("upstreams", dict[str, RegistryClient])
+FETCHER = web.AppKey("fetcher", BlobFetcher)
+RESOLVER = web.AppKey("resolver", ManifestResolver)

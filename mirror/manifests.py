@@ -1,0 +1,210 @@
+"""Manifests: tag -> digest resolution, freshness, revalidation with HEAD, stale-if-error.
+
+Rate-limit arithmetic drives the design: on Docker Hub a manifest GET counts against the pull
+limit and a HEAD does not. So a tag within `tag_ttl` costs nothing upstream, an expired tag
+costs one HEAD (and one GET by digest only if it moved), a manifest by digest is immutable and
+never asked again, and N simultaneous clients share one upstream exchange.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+
+from mirror.errors import RegistryError
+from mirror.mediatypes import (
+    MAX_MANIFEST_BYTES,
+    Negotiation,
+    content_type_of,
+    negotiate,
+    platform_child,
+    upstream_accept,
+)
+from mirror.reference import Route
+from mirror.singleflight import SingleFlight
+from mirror.store.blobs import BlobStore, digest_of
+from mirror.store.index import Index, TagRow
+from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, is_transient, status_error
+
+Result = Literal["hit", "miss", "stale", "coalesced"]
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: str
+    media_type: str
+    data: bytes
+
+
+FlightKey = tuple[str, str, str]  # registry, repository, tag or digest
+
+
+class ManifestResolver:
+    def __init__(
+        self,
+        index: Index,
+        store: BlobStore,
+        clients: Mapping[str, RegistryClient],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._index = index
+        self._store = store
+        self._clients = clients
+        self._clock = clock
+        self._tags: SingleFlight[FlightKey, tuple[Manifest, Result]] = SingleFlight()
+        self._digests: SingleFlight[FlightKey, Manifest] = SingleFlight()
+
+    async def close(self) -> None:
+        await self._tags.close()
+        await self._digests.close()
+
+    async def for_client(
+        self, route: Route, client_types: frozenset[str]
+    ) -> tuple[Manifest, Result]:
+        """The manifest to serve for a request, negotiated against the client's Accept list."""
+        manifest, result = await self.resolve(
+            route.registry, route.repository, route.reference, client_types
+        )
+        decision = negotiate(manifest.media_type, client_types, by_tag=not route.is_digest)
+        if decision is Negotiation.DEFAULT_PLATFORM:
+            child = platform_child(manifest.data)
+            if child is None:
+                raise RegistryError.manifest_unknown(
+                    route.reference, "manifest list has no linux/amd64 image for this client"
+                )
+            manifest, _ = await self.resolve(route.registry, route.repository, child, client_types)
+            decision = negotiate(manifest.media_type, client_types, by_tag=False)
+        if decision is not Negotiation.SERVE:
+            raise RegistryError.manifest_unknown(
+                route.reference,
+                f"{manifest.media_type} found, but the Accept header does not allow it",
+            )
+        return manifest, result
+
+    async def resolve(
+        self, registry: str, repository: str, reference: str, client_types: frozenset[str]
+    ) -> tuple[Manifest, Result]:
+        accept = upstream_accept(client_types)
+        if ":" in reference:
+            cached = await self._cached(registry, repository, reference)
+            if cached is not None:
+                return cached, "hit"
+            manifest, shared = await self._by_digest(registry, repository, reference, accept)
+            return manifest, "coalesced" if shared else "miss"
+
+        row = await self._index.get_tag(registry, repository, reference)
+        ttl = self._clients[registry].registry.tag_ttl
+        if row is not None and self._clock() - row.confirmed < ttl:
+            cached = await self._cached(registry, repository, row.digest)
+            if cached is not None:
+                return cached, "hit"
+        (manifest, result), shared = await self._tags.do(
+            (registry, repository, reference),
+            lambda: self._refresh_tag(registry, repository, reference, row, accept),
+        )
+        return manifest, "coalesced" if shared else result
+
+    async def _cached(self, registry: str, repository: str, digest: str) -> Manifest | None:
+        media_type = await self._index.get_manifest_type(registry, repository, digest)
+        if media_type is None:
+            return None
+        data = self._store.read(digest)
+        return None if data is None else Manifest(digest, media_type, data)
+
+    async def _by_digest(
+        self, registry: str, repository: str, digest: str, accept: str
+    ) -> tuple[Manifest, bool]:
+        return await self._digests.do(
+            (registry, repository, digest),
+            lambda: self._fetch(registry, repository, digest, accept),
+        )
+
+    async def _refresh_tag(
+        self, registry: str, repository: str, tag: str, row: TagRow | None, accept: str
+    ) -> tuple[Manifest, Result]:
+        client = self._clients[registry]
+        cached = await self._cached(registry, repository, row.digest) if row else None
+        if cached is not None:
+            try:
+                resp = await client.request(
+                    "HEAD", repository, f"manifests/{tag}", headers={"Accept": accept}
+                )
+            except RegistryError as exc:
+                if is_transient(exc):
+                    return cached, "stale"
+                raise
+            async with resp:
+                status, digest = resp.status, resp.headers.get("Docker-Content-Digest")
+                headers = resp.headers.copy()
+            if status == 200 and digest:
+                result: Result = "hit"
+                if digest != cached.digest:
+                    cached, _ = await self._by_digest(registry, repository, digest, accept)
+                    result = "miss"
+                await self._index.set_tag(registry, repository, tag, cached.digest, self._clock())
+                return cached, result
+            if status == 404:
+                await self._index.delete_tag(registry, repository, tag)
+            error = status_error(status, headers, "manifest", tag)
+            if status != 200:
+                if is_transient(error):
+                    return cached, "stale"
+                raise error
+            # A 200 HEAD without a digest: some registries omit it; fall through to a GET.
+        try:
+            manifest = await self._fetch(registry, repository, tag, accept)
+        except RegistryError as exc:
+            if cached is not None and is_transient(exc):
+                return cached, "stale"
+            if exc.status == 404 and row is not None:
+                await self._index.delete_tag(registry, repository, tag)
+            raise
+        await self._index.set_tag(registry, repository, tag, manifest.digest, self._clock())
+        return manifest, "miss"
+
+    async def _fetch(self, registry: str, repository: str, reference: str, accept: str) -> Manifest:
+        """GET a manifest upstream, verify it, store it byte-for-byte, index it."""
+        client = self._clients[registry]
+        try:
+            resp = await client.request(
+                "GET", repository, f"manifests/{reference}", headers={"Accept": accept}
+            )
+            async with resp:
+                if resp.status != 200:
+                    raise status_error(resp.status, resp.headers, "manifest", reference)
+                if (resp.content_length or 0) > MAX_MANIFEST_BYTES:
+                    raise RegistryError.manifest_invalid("upstream manifest exceeds 4 MiB")
+                data = await _read_capped(resp, MAX_MANIFEST_BYTES)
+                header_type = resp.headers.get("Content-Type")
+                header_digest = resp.headers.get("Docker-Content-Digest")
+        except TRANSIENT_ERRORS as exc:
+            raise RegistryError.unavailable(
+                "upstream connection failed while reading a manifest"
+            ) from exc
+
+        by_digest = ":" in reference
+        digest = digest_of(data, reference.split(":", 1)[0] if by_digest else "sha256")
+        expected = reference if by_digest else header_digest
+        if expected and expected.startswith(digest.split(":", 1)[0] + ":") and expected != digest:
+            raise RegistryError.manifest_invalid(
+                f"upstream manifest does not match its digest {expected}"
+            )
+        media_type = content_type_of(data, header_type)
+        await self._store.put(digest, data)
+        await self._index.add_manifest(registry, repository, digest, media_type, len(data))
+        return Manifest(digest, media_type, data)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        total += len(chunk)
+        if total > cap:
+            raise RegistryError.manifest_invalid("upstream manifest exceeds 4 MiB")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,101 @@
+"""Manifest media types and `Accept` negotiation, pure.
+
+Upstream is always asked with the full list (plus anything extra the client named), so a
+narrow client can never poison the cached tag -> digest mapping with a down-converted answer.
+What is then *served* is negotiated like distribution's `registry/handlers/manifests.go`: a
+Docker manifest list asked for by tag by a client that takes no lists gets the linux/amd64
+image; an OCI type the client does not accept is MANIFEST_UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from enum import Enum
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # distribution's limit; containerd's own cap is 4,393,216
+DEFAULT_PLATFORM = ("linux", "amd64")
+
+
+def parse_accept(values: Iterable[str]) -> frozenset[str]:
+    """Every media type in every `Accept` header, parameters (`;q=`) dropped."""
+    types: set[str] = set()
+    for value in values:
+        for part in value.split(","):
+            media_type = part.split(";", 1)[0].strip().lower()
+            if media_type:
+                types.add(media_type)
+    return frozenset(types)
+
+
+def upstream_accept(client_types: frozenset[str]) -> str:
+    """The Accept to send upstream: every manifest type we serve, then the client's extras."""
+    extras = sorted(t for t in client_types if t not in MANIFEST_TYPES and t != "*/*")
+    return ", ".join((*MANIFEST_TYPES, *extras))
+
+
+def accepts(client_types: frozenset[str], media_type: str) -> bool:
+    """No Accept at all, or `*/*` (containerd ends its list with it), accepts anything."""
+    return not client_types or "*/*" in client_types or media_type in client_types
+
+
+class Negotiation(Enum):
+    SERVE = "serve"
+    DEFAULT_PLATFORM = "default-platform"
+    REJECT = "reject"
+
+
+def negotiate(media_type: str, client_types: frozenset[str], by_tag: bool) -> Negotiation:
+    if accepts(client_types, media_type):
+        return Negotiation.SERVE
+    if media_type == DOCKER_LIST and by_tag:
+        return Negotiation.DEFAULT_PLATFORM
+    return Negotiation.REJECT
+
+
+def content_type_of(data: bytes, header: str | None) -> str:
+    """The media type to store: the upstream's Content-Type, else the manifest's `mediaType`.
+
+    Parameters are dropped (`; charset=utf-8` is not part of a media type) so the type can be
+    served as Content-Type verbatim.
+    """
+    if header:
+        media_type = header.split(";", 1)[0].strip()
+        if media_type and media_type not in ("application/json", "application/octet-stream"):
+            return media_type
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("mediaType"), str):
+        return str(doc["mediaType"])
+    if isinstance(doc, dict) and "manifests" in doc:
+        return OCI_INDEX
+    return OCI_MANIFEST
+
+
+def platform_child(index_bytes: bytes, platform: tuple[str, str] = DEFAULT_PLATFORM) -> str | None:
+    """The digest of an index entry for `platform` (os, architecture), or None."""
+    try:
+        doc = json.loads(index_bytes)
+    except ValueError:
+        return None
+    entries = doc.get("manifests") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        return None
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        plat = entry.get("platform") or {}
+        if (plat.get("os"), plat.get("architecture")) == platform and isinstance(
+            entry.get("digest"), str
+        ):
+            return str(entry["digest"])
+    return None

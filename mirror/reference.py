@@ -1,0 +1,132 @@
+"""Repository names, tags, digests and the routing of a `/v2/` path, as pure functions.
+
+The grammar is distribution-spec's (https://github.com/opencontainers/distribution-spec,
+"Pulling manifests"): lowercase path components joined by `/`, tags of at most 128 characters,
+digests `algorithm:hex`. Everything that later becomes a file name or an upstream URL passes
+through here first, so a name that parses can never climb out of the data directory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from mirror.errors import RegistryError
+
+DOCKER_HUB = "docker.io"
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
+NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# Only algorithms we can verify are accepted: an unverifiable digest would let a wrong byte through.
+_DIGEST_HEX = {"sha256": 64, "sha512": 128}
+_DIGEST_RE = re.compile(r"^(sha256|sha512):([a-f0-9]+)$")
+MAX_NAME_LENGTH = 255
+
+
+class Endpoint(Enum):
+    MANIFEST = "manifest"
+    BLOB = "blob"
+    TAGS = "tags"
+    REFERRERS = "referrers"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A parsed `/v2/<name>/...` request: which registry, which repository, what is asked."""
+
+    registry: str
+    repository: str
+    endpoint: Endpoint
+    reference: str = ""
+
+    @property
+    def is_digest(self) -> bool:
+        return self.reference.startswith(("sha256:", "sha512:"))
+
+
+def validate_digest(value: str) -> str:
+    """Return the digest unchanged if it is one we can verify, else raise DIGEST_INVALID."""
+    match = _DIGEST_RE.match(value)
+    if not match or len(match.group(2)) != _DIGEST_HEX[match.group(1)]:
+        raise RegistryError.digest_invalid(value)
+    return value
+
+
+def validate_name(name: str) -> str:
+    if len(name) > MAX_NAME_LENGTH or not NAME_RE.match(name):
+        raise RegistryError.name_invalid(name)
+    return name
+
+
+def validate_tag(tag: str) -> str:
+    if not TAG_RE.match(tag):
+        raise RegistryError.tag_invalid(tag)
+    return tag
+
+
+def looks_like_registry_host(component: str) -> bool:
+    """Docker's reference grammar: a host-naming first component has `.`, `:` or is localhost."""
+    return "." in component or ":" in component or component == "localhost"
+
+
+def normalize_repository(registry: str, name: str) -> str:
+    """Docker Hub stores official images under `library/`; `alpine` means `library/alpine`."""
+    if registry == DOCKER_HUB and "/" not in name:
+        return f"library/{name}"
+    return name
+
+
+_SUFFIXES: tuple[tuple[str, Endpoint], ...] = (
+    ("/manifests/", Endpoint.MANIFEST),
+    ("/blobs/", Endpoint.BLOB),
+    ("/referrers/", Endpoint.REFERRERS),
+)
+
+
+def parse_v2_path(path: str, ns: str | None, registries: frozenset[str]) -> Route:
+    """Route the decoded path after `/v2/` to a registry, repository and endpoint.
+
+    The split is on the *last* endpoint marker, because a repository may itself contain
+    `manifests` or `blobs` as a component. `ns` (containerd) names the registry; otherwise a
+    host-like first component does, otherwise Docker Hub. Only configured registries are
+    routable: the mirror must never become an open proxy.
+    """
+    name: str
+    endpoint: Endpoint
+    reference = ""
+    if path.endswith("/tags/list"):
+        name, endpoint = path[: -len("/tags/list")], Endpoint.TAGS
+    else:
+        best = -1
+        found: Endpoint | None = None
+        marker_len = 0
+        for marker, kind in _SUFFIXES:
+            at = path.rfind(marker)
+            if at > best:
+                best, found, marker_len = at, kind, len(marker)
+        if found is None or best <= 0:
+            raise RegistryError.not_found_route(path)
+        name, endpoint, reference = path[:best], found, path[best + marker_len :]
+        if not reference or "/" in reference:
+            raise RegistryError.not_found_route(path)
+
+    registry = DOCKER_HUB
+    first, _, rest = name.partition("/")
+    if ns:
+        registry = ns
+    elif rest and looks_like_registry_host(first):
+        registry, name = first, rest
+    if registry not in registries:
+        raise RegistryError.registry_unknown(registry)
+    name = normalize_repository(registry, validate_name(name))
+
+    if endpoint is Endpoint.MANIFEST:
+        if ":" in reference:
+            validate_digest(reference)
+        else:
+            validate_tag(reference)
+    elif endpoint in (Endpoint.BLOB, Endpoint.REFERRERS):
+        validate_digest(reference)
+    return Route(registry, name, endpoint, reference)

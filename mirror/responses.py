@@ -1,0 +1,153 @@
+"""Registry responses: manifest bytes, and blob bodies from disk or from a growing file.
+
+aiohttp's FileResponse is not used for blobs: it answers 416 to multi-range requests (podman
+accepts a full 200 there) and sets an mtime ETag, where a registry's ETag is the digest.
+Bodies go out with `loop.sendfile` (zero copy) in both cases; the headers were already flushed
+by `StreamResponse.prepare`, so the file bytes follow them on the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import BinaryIO
+
+from aiohttp import web
+
+from mirror.errors import RegistryError
+from mirror.fetch import InflightFetch
+from mirror.httprange import ByteRange, Unsatisfiable, parse_range
+from mirror.manifests import Manifest
+
+BLOB_CONTENT_TYPE = "application/octet-stream"
+FALLBACK_CHUNK = 256 * 1024
+
+
+def _etag_matches(request: web.Request, digest: str) -> bool:
+    header = request.headers.get("If-None-Match")
+    if not header:
+        return False
+    candidates = {c.strip().removeprefix("W/").strip('"') for c in header.split(",")}
+    return digest in candidates or "*" in candidates
+
+
+def manifest_response(request: web.Request, manifest: Manifest) -> web.Response:
+    """Exact bytes; Content-Type is the stored media type; HEAD carries the same headers."""
+    headers = {
+        "Docker-Content-Digest": manifest.digest,
+        "ETag": f'"{manifest.digest}"',
+        "Content-Type": manifest.media_type,
+    }
+    if _etag_matches(request, manifest.digest):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=manifest.data, headers=headers)
+
+
+async def begin_body(request: web.Request, resp: web.StreamResponse) -> None:
+    """Send the headers; from here on an error can only drop the connection."""
+    request["started"] = True
+    await resp.prepare(request)
+
+
+def _plan(request: web.Request, size: int | None) -> ByteRange | None:
+    if size is None:
+        return None  # length unknown yet: ranges cannot be honoured, a full 200 can
+    try:
+        return parse_range(request.headers.get("Range"), size)
+    except Unsatisfiable:
+        raise RegistryError.range_invalid(size) from None
+
+
+def _blob_response(digest: str, size: int | None, rng: ByteRange | None) -> web.StreamResponse:
+    resp = web.StreamResponse(status=206 if rng else 200)
+    resp.headers["Content-Type"] = BLOB_CONTENT_TYPE
+    resp.headers["Docker-Content-Digest"] = digest
+    resp.headers["ETag"] = f'"{digest}"'
+    resp.headers["Accept-Ranges"] = "bytes"
+    if rng is not None and size is not None:
+        resp.headers["Content-Range"] = rng.content_range(size)
+        resp.content_length = rng.length
+    elif size is not None:
+        resp.content_length = size
+    return resp
+
+
+async def _send(
+    request: web.Request, resp: web.StreamResponse, f: BinaryIO, offset: int, count: int, raw: bool
+) -> None:
+    """Send `count` bytes of `f` from `offset`: sendfile when the framing allows (known length)."""
+    if raw:
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        await asyncio.get_running_loop().sendfile(transport, f, offset, count)
+        return
+    fd = f.fileno()
+    while count > 0:
+        chunk = os.pread(fd, min(FALLBACK_CHUNK, count), offset)
+        if not chunk:
+            raise ConnectionResetError("file shorter than expected")
+        await resp.write(chunk)
+        offset += len(chunk)
+        count -= len(chunk)
+
+
+async def send_blob_head(request: web.Request, digest: str, size: int) -> web.StreamResponse:
+    resp = _blob_response(digest, size, None)
+    await begin_body(request, resp)
+    await resp.write_eof()
+    return resp
+
+
+async def send_cached_blob(
+    request: web.Request, f: BinaryIO, digest: str, size: int
+) -> web.StreamResponse:
+    """Serve a verified blob from an open file (opened by the caller, so eviction can't race it)."""
+    rng = _plan(request, size)
+    if _etag_matches(request, digest) and rng is None:
+        return web.Response(
+            status=304, headers={"ETag": f'"{digest}"', "Docker-Content-Digest": digest}
+        )
+    resp = _blob_response(digest, size, rng)
+    await begin_body(request, resp)
+    if request.method != "HEAD":
+        start, end = (rng.start, rng.end) if rng else (0, size)
+        if end > start:
+            await _send(request, resp, f, start, end - start, raw=True)
+    await resp.write_eof()
+    return resp
+
+
+async def send_inflight_blob(request: web.Request, fetch: InflightFetch) -> web.StreamResponse:
+    """Serve a blob while it downloads: follow the growing temp file, verified end last.
+
+    Headers go out as soon as the upstream's did (containerd gives up after 30 s without
+    them). If the fetch fails, the exception after `prepare` makes aiohttp drop the
+    connection: the client sees a short body, never a clean end of wrong bytes.
+    """
+    await fetch.wait_started()
+    fetch.check()
+    # Opened before any further await: the file exists now (a failure unlinks it and sets
+    # the error in one step), and this descriptor survives the rename at commit.
+    with open(fetch.path, "rb") as f:
+        size = fetch.size
+        rng = _plan(request, size)
+        resp = _blob_response(fetch.digest, size, rng)
+        await begin_body(request, resp)
+        if request.method == "HEAD":
+            await resp.write_eof()
+            return resp
+        start, end = (rng.start, rng.end) if rng else (0, size)
+        pos = start
+        while True:
+            fetch.check()
+            limit = fetch.readable_until(end)
+            if pos < limit:
+                await _send(request, resp, f, pos, limit - pos, raw=size is not None)
+                pos = limit
+                continue
+            if fetch.verified and pos >= (end if end is not None else fetch.received):
+                break
+            await fetch.wait_progress()
+    await resp.write_eof()
+    return resp

@@ -1,0 +1,139 @@
+"""Content-addressed files: `<data>/blobs/<algorithm>/<2 hex>/<hex>`.
+
+A file reaches its final name only after its digest was verified: bytes go to a temp file
+under `<data>/tmp`, the hash is checked, the file is fsync'd and renamed, then the directory is
+fsync'd. Whatever is found under a final name was therefore complete and correct when it was
+written; whatever is in `tmp/` at start-up is a crash's leftover and is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from mirror.reference import validate_digest
+
+
+class DigestMismatch(Exception):
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(f"digest mismatch: expected {expected}, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.blobs = root / "blobs"
+
+    def prepare(self) -> int:
+        """Create the layout and remove temp files left by a crash; return how many were removed."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def path(self, digest: str) -> Path:
+        """The final path of a digest; validation keeps every path inside `<data>/blobs`."""
+        algorithm, hexdigest = validate_digest(digest).split(":", 1)
+        return self.blobs / algorithm / hexdigest[:2] / hexdigest
+
+    def size(self, digest: str) -> int | None:
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read(self, digest: str) -> bytes | None:
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def writer(self, digest: str) -> BlobWriter:
+        return BlobWriter(self, digest)
+
+    async def put(self, digest: str, data: bytes) -> None:
+        """Store a small, already-in-memory object (a manifest) under its verified digest."""
+        writer = self.writer(digest)
+        try:
+            writer.write(data)
+            await writer.commit()
+        except BaseException:
+            writer.discard()
+            raise
+
+
+class BlobWriter:
+    """A temp file growing toward one digest; `commit` verifies and publishes it atomically."""
+
+    def __init__(self, store: BlobStore, digest: str) -> None:
+        self.digest = digest
+        self.final_path = store.path(digest)
+        algorithm = digest.split(":", 1)[0]
+        self._hash = hashlib.new(algorithm)
+        self.temp_path = store.tmp / f"{digest.replace(':', '-')}.{secrets.token_hex(6)}"
+        self._fd: int | None = os.open(
+            self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+        )
+        self.received = 0
+
+    def write(self, chunk: bytes) -> None:
+        """Append synchronously: a page-cache write of one chunk costs microseconds."""
+        assert self._fd is not None
+        view = memoryview(chunk)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._hash.update(chunk)
+        self.received += len(chunk)
+
+    def actual_digest(self) -> str:
+        return f"{self._hash.name}:{self._hash.hexdigest()}"
+
+    async def commit(self) -> Path:
+        """Verify, fsync, rename into place; raises DigestMismatch (the caller discards).
+
+        The rename happens on the event loop after the awaited fsync, with no await between it
+        and the return, so a caller can switch its readers to the final path atomically.
+        """
+        actual = self.actual_digest()
+        if actual != self.digest:
+            raise DigestMismatch(self.digest, actual)
+        fd = self._fd
+        assert fd is not None
+        await asyncio.to_thread(os.fsync, fd)
+        os.close(fd)
+        self._fd = None
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.temp_path, self.final_path)
+        return self.final_path
+
+    async def sync_directory(self) -> None:
+        """Make the rename itself durable (after readers were switched over)."""
+        await asyncio.to_thread(_fsync_path, self.final_path.parent)
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.temp_path.unlink(missing_ok=True)

@@ -1,0 +1,256 @@
+"""HTTP client for one upstream registry: token auth, redirects, retries, timeouts.
+
+Facts this encodes (see shared/PROTOCOL.md):
+- Docker Hub blob GETs answer 307 to a signed CDN URL; Authorization must never go there, and
+  the URL is never cached: a resume asks the registry again for a fresh redirect.
+- Bytes are hashed raw: ask for `Accept-Encoding: identity` and never decompress.
+- A 401 is answered once with a fresh token; a second 401 is the upstream's verdict.
+- Connect errors and 5xx are retried a bounded number of times; 429 is not retried (Hub's
+  window is hours), its Retry-After goes back to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from mirror.config import RegistryConfig
+from mirror.errors import RegistryError
+from mirror.singleflight import SingleFlight
+from mirror.upstream.auth import (
+    Challenge,
+    Token,
+    TokenCache,
+    TokenKey,
+    parse_www_authenticate,
+    realm_may_receive_credentials,
+    token_from_response,
+)
+
+log = logging.getLogger(__name__)
+
+REDIRECTS = {301, 302, 303, 307, 308}
+MAX_REDIRECTS = 5
+RETRY_DELAYS = (0.2, 0.8)  # bounded: three attempts in all for connect errors and 5xx
+TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=30)
+TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=15)
+
+TRANSIENT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+
+
+def make_session() -> aiohttp.ClientSession:
+    """One pool for all upstream traffic; raw bytes only (`auto_decompress=False`)."""
+    return aiohttp.ClientSession(
+        timeout=TIMEOUT,
+        auto_decompress=False,
+        connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
+        headers={"User-Agent": "mirror/0.1 (+pull-through cache)", "Accept-Encoding": "identity"},
+    )
+
+
+@dataclass(slots=True)
+class RateLimit:
+    """Docker Hub's `ratelimit-limit: 100;w=21600` and `ratelimit-remaining: 76;w=21600`."""
+
+    limit: int | None = None
+    remaining: int | None = None
+
+
+def parse_ratelimit(value: str | None) -> int | None:
+    if not value:
+        return None
+    head = value.split(";", 1)[0].strip()
+    return int(head) if head.isdigit() else None
+
+
+def status_error(
+    status: int, headers: Mapping[str, str], what: str, reference: str
+) -> RegistryError:
+    """The client-facing error for an upstream status that is not a success."""
+    if status == 404:
+        if what == "blob":
+            return RegistryError.blob_unknown(reference)
+        return RegistryError.manifest_unknown(reference)
+    if status == 401:
+        return RegistryError.unauthorized("upstream refused access to this repository")
+    if status == 403:
+        return RegistryError.denied()
+    if status == 429:
+        return RegistryError.too_many_requests(headers.get("Retry-After"))
+    return RegistryError.unavailable(f"upstream answered {status}")
+
+
+def is_transient(error: RegistryError) -> bool:
+    """Errors for which serving what we have cached (stale-if-error) is right."""
+    return error.status == 429 or error.status >= 500
+
+
+class RegistryClient:
+    def __init__(
+        self, registry: RegistryConfig, session: aiohttp.ClientSession, tokens: TokenCache
+    ) -> None:
+        self.registry = registry
+        self._session = session
+        self._tokens = tokens
+        self._host = urlsplit(registry.url).netloc.lower()
+        self._challenge: Challenge | None = None
+        self._token_flight: SingleFlight[TokenKey, Token] = SingleFlight()
+        self.ratelimit = RateLimit()
+
+    async def close(self) -> None:
+        await self._token_flight.close()
+
+    def url(self, repository: str, suffix: str) -> str:
+        return f"{self.registry.url}/v2/{repository}/{suffix}"
+
+    async def request(
+        self,
+        method: str,
+        repository: str,
+        suffix: str,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request for `repository`, authenticating as the upstream asks.
+
+        Returns the final response (after redirects) unread; the caller releases it. Raises
+        RegistryError(503) once retries for connection errors and 5xx are spent.
+        """
+        url = self.url(repository, suffix)
+        scopes: tuple[str, ...] = (f"repository:{repository}:pull",)
+        retried_auth = False
+        attempt = 0
+        while True:
+            auth = await self._authorization(scopes) if self._challenge else None
+            try:
+                resp = await self._send(method, url, dict(headers or {}), params, auth)
+            except TRANSIENT_ERRORS as exc:
+                if attempt < len(RETRY_DELAYS):
+                    await asyncio.sleep(RETRY_DELAYS[attempt])
+                    attempt += 1
+                    continue
+                raise RegistryError.unavailable(
+                    f"upstream unreachable: {type(exc).__name__}"
+                ) from exc
+            self._note_ratelimit(resp)
+            if resp.status == 401 and not retried_auth:
+                challenges = parse_www_authenticate(resp.headers.getall("WWW-Authenticate", []))
+                resp.release()
+                usable = [c for c in challenges if c.scheme in ("bearer", "basic")]
+                if not usable:
+                    raise RegistryError.unauthorized("upstream requires an unsupported auth scheme")
+                self._challenge = usable[0]
+                if self._challenge.scheme == "bearer":
+                    scopes = self._challenge.scopes or scopes
+                    self._tokens.drop(self._token_key(self._challenge, scopes))
+                retried_auth = True
+                continue
+            if resp.status >= 500 and attempt < len(RETRY_DELAYS):
+                resp.release()
+                await asyncio.sleep(RETRY_DELAYS[attempt])
+                attempt += 1
+                continue
+            return resp
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        params: Mapping[str, str] | None,
+        auth: str | None,
+    ) -> aiohttp.ClientResponse:
+        """Follow redirects by hand so Authorization reaches the registry's own host only."""
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = dict(headers)
+            if auth and urlsplit(url).netloc.lower() == self._host:
+                sent["Authorization"] = auth
+            resp = await self._session.request(
+                method, url, headers=sent, params=params, allow_redirects=False
+            )
+            location = resp.headers.get("Location")
+            if resp.status not in REDIRECTS or not location:
+                return resp
+            resp.release()
+            url = urljoin(str(resp.url), location)
+            params = None  # the Location carries its own query
+            if resp.status == 303:
+                method = "GET"
+        raise RegistryError.unavailable("upstream redirected too many times")
+
+    def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
+        limit = parse_ratelimit(resp.headers.get("ratelimit-limit"))
+        if limit is not None:
+            self.ratelimit.limit = limit
+            self.ratelimit.remaining = parse_ratelimit(resp.headers.get("ratelimit-remaining"))
+
+    def _credentials_allowed(self, challenge: Challenge) -> bool:
+        if self.registry.credentials is None:
+            return False
+        if realm_may_receive_credentials(challenge.realm, self.registry.url):
+            return True
+        log.warning(
+            "upstream %s names token realm %s outside its own domain: requesting an anonymous "
+            "token, configured credentials withheld",
+            self.registry.name,
+            urlsplit(challenge.realm).hostname,
+        )
+        return False
+
+    def _token_key(self, challenge: Challenge, scopes: tuple[str, ...]) -> TokenKey:
+        return (challenge.realm, challenge.service, scopes, self._credentials_allowed(challenge))
+
+    async def _authorization(self, scopes: tuple[str, ...]) -> str | None:
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            creds = self.registry.credentials
+            return aiohttp.BasicAuth(*creds).encode() if creds else None
+        key = self._token_key(challenge, scopes)
+        token = self._tokens.get(key)
+        if token is None:
+            token, _ = await self._token_flight.do(key, lambda: self._fetch_token(challenge, key))
+        return f"Bearer {token.value}"
+
+    async def _fetch_token(self, challenge: Challenge, key: TokenKey) -> Token:
+        realm, service, scopes, with_credentials = key
+        if not realm.startswith(("https://", "http://")):
+            raise RegistryError.unavailable("upstream token realm is not an http(s) URL")
+        params: list[tuple[str, str]] = []
+        if service:
+            params.append(("service", service))
+        params.extend(("scope", s) for s in scopes)
+        creds = self.registry.credentials if with_credentials else None
+        auth = aiohttp.BasicAuth(*creds) if creds else None
+        try:
+            async with self._session.get(
+                realm, params=params, auth=auth, timeout=TOKEN_TIMEOUT, allow_redirects=False
+            ) as resp:
+                if resp.status in (401, 403):
+                    raise RegistryError.unauthorized(
+                        "upstream token service refused the credentials"
+                    )
+                if resp.status == 429:
+                    raise RegistryError.too_many_requests(resp.headers.get("Retry-After"))
+                if resp.status != 200:
+                    raise RegistryError.unavailable(
+                        f"upstream token service answered {resp.status}"
+                    )
+                body = await resp.json(content_type=None)
+        except TRANSIENT_ERRORS as exc:
+            raise RegistryError.unavailable("upstream token service unreachable") from exc
+        except ValueError as exc:
+            raise RegistryError.unavailable("upstream token service sent no JSON") from exc
+        try:
+            token = token_from_response(body, time.monotonic())
+        except ValueError as exc:
+            raise RegistryError.unavailable(f"upstream token service: {exc}") from exc
+        self._tokens.put(key, token)
+        return token
