@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -218,7 +217,7 @@ class BlobFetcher:
                 async with resp:
                     if resp.status not in (200, 206):
                         error = status_error(resp.status, resp.headers, "blob", fetch.digest)
-                        from_cdn = resp.url.host != urlsplit(client.registry.url).hostname
+                        from_cdn = not client.is_registry_host(str(resp.url))
                         # An expired CDN URL, or a 5xx mid-transfer (the client already retried
                         # a 5xx before the first byte), is worth a fresh request and a resume.
                         if (from_cdn and resp.status in CDN_EXPIRED) or (

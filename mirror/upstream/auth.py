@@ -8,6 +8,7 @@ per request, and never hand the configured password to a realm the upstream mere
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import logging
 import time
@@ -100,6 +101,11 @@ def parse_www_authenticate(headers: Iterable[str]) -> list[Challenge]:
                 challenges.append(current)
                 i = j
     return challenges
+
+
+def basic_authorization(username: str, password: str) -> str:
+    """An `Authorization: Basic` value (aiohttp's BasicAuth helper is deprecated)."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
 
 
 def _registrable_domain(host: str) -> str:

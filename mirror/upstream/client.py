@@ -28,6 +28,7 @@ from mirror.upstream.auth import (
     Token,
     TokenCache,
     TokenKey,
+    basic_authorization,
     parse_www_authenticate,
     realm_may_receive_credentials,
     token_from_response,
@@ -86,6 +87,14 @@ def status_error(
     return RegistryError.unavailable(f"upstream answered {status}")
 
 
+def usable_challenge(resp: aiohttp.ClientResponse) -> Challenge | None:
+    """The first Bearer or Basic challenge of a 401, whatever else the upstream offers."""
+    for challenge in parse_www_authenticate(resp.headers.getall("WWW-Authenticate", [])):
+        if challenge.scheme in ("bearer", "basic"):
+            return challenge
+    return None
+
+
 def is_transient(error: RegistryError) -> bool:
     """Errors for which serving what we have cached (stale-if-error) is right."""
     return error.status == 429 or error.status >= 500
@@ -101,10 +110,32 @@ class RegistryClient:
         self._host = urlsplit(registry.url).netloc.lower()
         self._challenge: Challenge | None = None
         self._token_flight: SingleFlight[TokenKey, Token] = SingleFlight()
+        self._ping_flight: SingleFlight[None, None] = SingleFlight()
+        self._pinged = False
         self.ratelimit = RateLimit()
 
     async def close(self) -> None:
         await self._token_flight.close()
+        await self._ping_flight.close()
+
+    async def _ping(self) -> None:
+        """Learn the auth challenge from `GET /v2/` before the first real request.
+
+        Without it the first manifest GET goes out anonymous, draws a 401 and is sent again:
+        two GETs where one should do. A failed ping is not an error: the request that follows
+        reports the upstream's state, and the challenge is then learnt from its 401.
+        """
+        try:
+            async with self._session.get(f"{self.registry.url}/v2/", allow_redirects=False) as resp:
+                if resp.status == 401:
+                    self._challenge = usable_challenge(resp)
+                self._pinged = resp.status in (200, 401)
+        except TRANSIENT_ERRORS:
+            pass
+
+    def is_registry_host(self, url: str) -> bool:
+        """Is `url` on the registry itself (host and port), rather than a CDN it redirected to?"""
+        return urlsplit(url).netloc.lower() == self._host
 
     def url(self, repository: str, suffix: str) -> str:
         return f"{self.registry.url}/v2/{repository}/{suffix}"
@@ -126,6 +157,8 @@ class RegistryClient:
         scopes: tuple[str, ...] = (f"repository:{repository}:pull",)
         retried_auth = False
         attempt = 0
+        if not self._pinged:
+            await self._ping_flight.do(None, self._ping)
         while True:
             auth = await self._authorization(scopes) if self._challenge else None
             try:
@@ -140,12 +173,11 @@ class RegistryClient:
                 ) from exc
             self._note_ratelimit(resp)
             if resp.status == 401 and not retried_auth:
-                challenges = parse_www_authenticate(resp.headers.getall("WWW-Authenticate", []))
+                challenge = usable_challenge(resp)
                 resp.release()
-                usable = [c for c in challenges if c.scheme in ("bearer", "basic")]
-                if not usable:
+                if challenge is None:
                     raise RegistryError.unauthorized("upstream requires an unsupported auth scheme")
-                self._challenge = usable[0]
+                self._challenge = challenge
                 if self._challenge.scheme == "bearer":
                     scopes = self._challenge.scopes or scopes
                     self._tokens.drop(self._token_key(self._challenge, scopes))
@@ -169,7 +201,7 @@ class RegistryClient:
         """Follow redirects by hand so Authorization reaches the registry's own host only."""
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
-            if auth and urlsplit(url).netloc.lower() == self._host:
+            if auth and self.is_registry_host(url):
                 sent["Authorization"] = auth
             resp = await self._session.request(
                 method, url, headers=sent, params=params, allow_redirects=False
@@ -212,7 +244,7 @@ class RegistryClient:
             return None
         if challenge.scheme == "basic":
             creds = self.registry.credentials
-            return aiohttp.BasicAuth(*creds).encode() if creds else None
+            return basic_authorization(*creds) if creds else None
         key = self._token_key(challenge, scopes)
         token = self._tokens.get(key)
         if token is None:
@@ -228,10 +260,10 @@ class RegistryClient:
             params.append(("service", service))
         params.extend(("scope", s) for s in scopes)
         creds = self.registry.credentials if with_credentials else None
-        auth = aiohttp.BasicAuth(*creds) if creds else None
+        headers = {"Authorization": basic_authorization(*creds)} if creds else {}
         try:
             async with self._session.get(
-                realm, params=params, auth=auth, timeout=TOKEN_TIMEOUT, allow_redirects=False
+                realm, params=params, headers=headers, timeout=TOKEN_TIMEOUT, allow_redirects=False
             ) as resp:
                 if resp.status in (401, 403):
                     raise RegistryError.unauthorized(

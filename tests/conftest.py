@@ -1,0 +1,59 @@
+"""Shared fixtures: the fake Docker Hub, an in-process mirror on loopback, an HTTP client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from mirror.app import create_app
+from mirror.config import Config, RegistryConfig
+from mirror.reference import DOCKER_HUB
+from tests.fixtures.fakehub import FakeHub
+
+StartMirror = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[FakeHub]:
+    fake = await FakeHub().start()
+    yield fake
+    await fake.stop()
+
+
+def mirror_config(
+    data: Path,
+    upstream: str,
+    *,
+    tag_ttl: float = 300.0,
+    username: str | None = None,
+    password: str | None = None,
+) -> Config:
+    return Config(
+        listen_host="127.0.0.1",
+        listen_port=0,
+        data_dir=data,
+        registries={DOCKER_HUB: RegistryConfig(DOCKER_HUB, upstream, username, password, tag_ttl)},
+    )
+
+
+@pytest.fixture
+def start_mirror(aiohttp_server, tmp_path: Path) -> StartMirror:  # type: ignore[no-untyped-def]
+    """Start a mirror in this test's event loop; stopped with the test."""
+
+    async def start(upstream: str, *, data: Path | None = None, **kw: object) -> TestServer:
+        config = mirror_config(data or tmp_path / "mirror-data", upstream, **kw)  # type: ignore[arg-type]
+        return await aiohttp_server(await create_app(config), host="127.0.0.1")  # type: ignore[no-any-return]
+
+    return start
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(
+        auto_decompress=False, timeout=aiohttp.ClientTimeout(total=120)
+    ) as session:
+        yield session
