@@ -19,9 +19,9 @@ from tests.fixtures.images import (
     OCI_INDEX,
     OCI_MANIFEST,
     big_image,
+    make_image,
     multiarch_image,
     random_bytes,
-    make_image,
     small_image,
 )
 
