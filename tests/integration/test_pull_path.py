@@ -149,13 +149,10 @@ async def test_every_cached_image_pulls_while_upstream_is_down(hub, start_mirror
     hub.add("library/alpine", "3.19", multiarch_image("offline"))
     hub.add("team/app", "v1", small_image("offline-app", docker=True))
     base = mirror_url(await start_mirror(hub.registry_url, tag_ttl=0))
-    before = {
-        n: await pull(http, base, n, t) for n, t in (("library/alpine", "3.19"), ("team/app", "v1"))
-    }
+    refs = (("library/alpine", "3.19"), ("team/app", "v1"))
+    before = [await pull(http, base, name, tag) for name, tag in refs]
     hub.down = True
-    for (name, tag), expected in zip(
-        (("library/alpine", "3.19"), ("team/app", "v1")), before.values()
-    ):
+    for (name, tag), expected in zip(refs, before, strict=True):
         assert await pull(http, base, name, tag) == expected
 
 
