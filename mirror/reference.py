@@ -18,6 +18,8 @@ DOCKER_HUB = "docker.io"
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+_DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+DOMAIN_RE = re.compile(rf"^{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*(?::[0-9]+)?$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 # Only algorithms we can verify are accepted: an unverifiable digest would let a wrong byte through.
 _DIGEST_HEX = {"sha256": 64, "sha512": 128}
@@ -117,6 +119,8 @@ def parse_v2_path(path: str, ns: str | None, registries: frozenset[str]) -> Rout
     if ns:
         registry = ns
     elif rest and looks_like_registry_host(first):
+        if not DOMAIN_RE.match(first):
+            raise RegistryError.name_invalid(name)
         registry, name = first, rest
     if registry not in registries:
         raise RegistryError.registry_unknown(registry)

@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from mirror.config import ConfigError, load_config, parse_duration
+
+
+def test_defaults():
+    config = load_config({}, {})
+    hub = config.registries["docker.io"]
+    assert (config.listen_host, config.listen_port) == ("0.0.0.0", 5000)
+    assert config.data_dir == Path("./mirror-data")
+    assert hub.url == "https://registry-1.docker.io" and hub.tag_ttl == 300
+    assert hub.credentials is None
+
+
+def test_precedence_flag_over_env_over_file(tmp_path):
+    toml = tmp_path / "m.toml"
+    toml.write_text(
+        'listen = "127.0.0.1:7000"\ntag_ttl = "1h"\nupstream = "http://file:1"\ndata = "/f"\n'
+    )
+    env = {"MIRROR_TAG_TTL": "10m", "MIRROR_UPSTREAM": "http://env:2"}
+    config = load_config({"upstream": "http://flag:3"}, env, str(toml))
+    hub = config.registries["docker.io"]
+    assert hub.url == "http://flag:3"
+    assert hub.tag_ttl == 600
+    assert config.listen_port == 7000
+    assert config.data_dir == Path("/f")
+
+
+def test_password_sources_and_secret_never_in_repr(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    config = load_config({"upstream_username": "u", "upstream_password_file": str(secret)}, {})
+    hub = config.registries["docker.io"]
+    assert hub.credentials == ("u", "s3cret")
+    assert "s3cret" not in repr(config)
+    config = load_config({}, {"MIRROR_UPSTREAM_USERNAME": "u", "MIRROR_UPSTREAM_PASSWORD": "p"})
+    assert config.registries["docker.io"].credentials == ("u", "p")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("300", 300), (90, 90), ("90s", 90), ("5m", 300), ("1h", 3600), ("2d", 172800), ("1.5m", 90)],
+)
+def test_durations(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize(
+    ("flags", "text"),
+    [
+        ({"tag_ttl": "soon"}, "tag_ttl"),
+        ({"listen": "nope"}, "listen"),
+        ({"upstream": "ftp://x"}, "upstream"),
+        ({"upstream_password_file": "/does/not/exist"}, "upstream_password_file"),
+    ],
+)
+def test_bad_settings_name_the_setting(flags, text):
+    with pytest.raises(ConfigError, match=text):
+        load_config(flags, {})
+
+
+def test_unknown_toml_key_is_refused(tmp_path):
+    toml = tmp_path / "m.toml"
+    toml.write_text("tag_tll = 5\n")
+    with pytest.raises(ConfigError, match="tag_tll"):
+        load_config({}, {}, str(toml))
