@@ -1,0 +1,99 @@
+"""Real pull clients through the mirror, from a token-authenticated upstream with a CDN.
+
+Run inside a private network namespace (see README): a client whose mirror fails falls back
+to the public registry, which there cannot be reached, so a pass proves the mirror served it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import StartMirror
+from tests.fixtures.fakehub import FakeHub
+from tests.fixtures.images import Image, make_image, multiarch_image, random_bytes, small_image
+from tests.fixtures.procs import containerd, dockerd, need, run, skopeo_pull_and_verify
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def images(hub: FakeHub) -> dict[str, Image]:
+    """Single-arch Docker schema2 with layers, OCI index, Docker list, a big layer."""
+    found = {
+        "library/alpine:3.19": multiarch_image("alpine"),
+        "library/busybox:1.36": small_image("busybox", docker=True, layers=3),
+        "library/debian:12": multiarch_image("debian", docker=True),
+        "team/big:v1": make_image([{"big.bin": random_bytes(20 << 20, 4)}, {"etc/x": b"x"}]),
+    }
+    for ref, image in found.items():
+        name, tag = ref.split(":")
+        hub.add(name, tag, image)
+    return found
+
+
+def served_from_mirror(hub: FakeHub, image: Image) -> None:
+    """The upstream saw the pulls (through the mirror), and no credential went to the CDN."""
+    assert hub.manifest_gets(), "the mirror never asked upstream: the client went elsewhere"
+    assert hub.auth_violations == []
+    for layer in image.layers():
+        assert hub.blob_gets(layer.digest), f"layer {layer.digest} never fetched upstream"
+
+
+async def test_skopeo_pulls_through_the_mirror(hub, images, start_mirror: StartMirror, tmp_path):
+    need("skopeo")
+    mirror = await start_mirror(hub.registry_url)
+    host = f"127.0.0.1:{mirror.port}"
+    for ref, image in images.items():
+        out = tmp_path / ref.replace("/", "_").replace(":", "_")
+        await skopeo_pull_and_verify(f"{host}/{ref}", out, image)
+    served_from_mirror(hub, images["library/busybox:1.36"])
+
+
+def hosts_dir(tmp_path: Path, mirror_port: int) -> Path:
+    """containerd's hosts.toml for docker.io: the mirror first, a dead loopback port as server."""
+    root = tmp_path / "certs.d"
+    (root / "docker.io").mkdir(parents=True)
+    (root / "docker.io" / "hosts.toml").write_text(
+        'server = "http://127.0.0.1:9"\n\n'
+        f'[host."http://127.0.0.1:{mirror_port}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    return root
+
+
+async def test_ctr_pulls_through_the_mirror_with_ns(hub, images, start_mirror, tmp_path):
+    mirror = await start_mirror(hub.registry_url)
+    hosts = hosts_dir(tmp_path, mirror.port)
+    async with containerd() as ctd:
+        ctr = ("ctr", "--address", ctd.address, "--namespace", "e2e")
+        for ref, image in images.items():
+            await run(
+                *ctr,
+                "images",
+                "pull",
+                "--hosts-dir",
+                str(hosts),
+                "--platform",
+                "linux/amd64",
+                "--snapshotter",
+                "native",
+                f"docker.io/{ref}",
+            )
+            listing = await run(*ctr, "images", "ls")
+            assert image.digest in listing, listing
+    served_from_mirror(hub, images["team/big:v1"])
+
+
+async def test_dockerd_pulls_only_through_the_mirror(hub, images, start_mirror):
+    mirror = await start_mirror(hub.registry_url)
+    async with dockerd(f"http://127.0.0.1:{mirror.port}") as daemon:
+        docker = ("docker", "-H", daemon.address)
+        for ref in ("alpine:3.19", "busybox:1.36", "debian:12", "team/big:v1"):
+            image = images[ref if "/" in ref else f"library/{ref}"]
+            await run(*docker, "pull", ref)
+            inspect = json.loads(await run(*docker, "image", "inspect", ref))
+            repo = ref.split(":")[0]
+            assert f"{repo}@{image.digest}" in inspect[0]["RepoDigests"], inspect[0]["RepoDigests"]
+    served_from_mirror(hub, images["library/busybox:1.36"])
