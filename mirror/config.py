@@ -43,6 +43,25 @@ def parse_duration(value: str | float | int, setting: str = "duration") -> float
     return seconds
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def parse_size(value: str | int, setting: str = "size") -> int:
+    """Bytes from `1048576`, `500MiB`, `50GiB`, `2GB` (binary with `i`, decimal without)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ConfigError(f"{setting}: {value!r} is not a size (e.g. 500MiB, 50GiB)")
+    unit = (match.group(2) or "").lower().rstrip("b")
+    if unit.endswith("i"):
+        factor = 1024 ** ("kmgt".index(unit[0]) + 1)
+    else:
+        factor = _SIZE_UNITS[unit]
+    return int(float(match.group(1)) * factor)
+
+
 def parse_listen(value: str, setting: str = "listen") -> tuple[str, int]:
     """`HOST:PORT`, `:PORT` (all interfaces) or `[v6]:PORT`."""
     host, sep, port = value.rpartition(":")

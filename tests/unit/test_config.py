@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import ConfigError, load_config, parse_duration
+from mirror.config import ConfigError, load_config, parse_duration, parse_size
 
 
 def test_defaults():
@@ -66,3 +66,18 @@ def test_unknown_toml_key_is_refused(tmp_path):
     toml.write_text("tag_tll = 5\n")
     with pytest.raises(ConfigError, match="tag_tll"):
         load_config({}, {}, str(toml))
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [("1048576", 1 << 20), (42, 42), ("500MiB", 500 << 20), ("50GiB", 50 << 30), ("2GB", 2 * 10**9),
+     ("1.5KiB", 1536), ("10k", 10000), ("7B", 7)],
+)
+def test_sizes(value, size):
+    assert parse_size(value) == size
+
+
+@pytest.mark.parametrize("value", ["", "lots", "5 parsecs", "-1MiB"])
+def test_bad_sizes(value):
+    with pytest.raises(ConfigError):
+        parse_size(value)
