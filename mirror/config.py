@@ -55,10 +55,8 @@ def parse_size(value: str | int, setting: str = "size") -> int:
     if not match:
         raise ConfigError(f"{setting}: {value!r} is not a size (e.g. 500MiB, 50GiB)")
     unit = (match.group(2) or "").lower().rstrip("b")
-    if unit.endswith("i"):
-        factor = 1024 ** ("kmgt".index(unit[0]) + 1)
-    else:
-        factor = _SIZE_UNITS[unit]
+    binary = unit.endswith("i")
+    factor = 1024 ** ("kmgt".index(unit[0]) + 1) if binary else _SIZE_UNITS[unit]
     return int(float(match.group(1)) * factor)
 
 

@@ -186,8 +186,13 @@ class BlobFetcher:
             # Index before the fetch leaves the table: a request arriving in between still
             # finds the fetch, one arriving after finds the row; never neither.
             fetch.succeeded(final_path)
-            await writer.sync_directory()
-            await self._index.add_blob(fetch.digest, fetch.received, media_type)
+            try:
+                await writer.sync_directory()
+                await self._index.add_blob(fetch.digest, fetch.received, media_type)
+            except Exception:
+                # The verified file is in place and being served; a missing row is what
+                # start-up reconciliation repairs. Readers must not be failed for it.
+                log.exception("blob %s: stored, but indexing it failed", fetch.digest)
         except asyncio.CancelledError:
             writer.discard()
             fetch.failed(RegistryError.unavailable("mirror shutting down"))

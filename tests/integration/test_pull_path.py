@@ -458,3 +458,15 @@ async def test_large_layer_pulls_through(hub, start_mirror, http):
     base = mirror_url(await start_mirror(hub.registry_url))
     got = await pull(http, base, "team/huge", "v1")
     assert set(got) >= set(image.blobs)
+
+
+async def test_eight_concurrent_cold_pulls_cross_the_internet_once(hub, start_mirror, http):
+    image = big_image("eight", 32 * MiB, seed=12)
+    hub.add("team/eight", "v1", image)
+    hub.slow = 0.0005  # the pulls overlap, as on a real link
+    base = mirror_url(await start_mirror(hub.registry_url))
+    results = await asyncio.gather(*(pull(http, base, "team/eight", "v1") for _ in range(8)))
+    assert all(set(r) == {image.digest, *image.blobs} for r in results)
+    assert hub.cdn_bytes <= 1.02 * image.blob_bytes
+    assert len(hub.manifest_gets()) == 1
+    assert len(hub.requests("token")) <= 2

@@ -70,8 +70,16 @@ def test_unknown_toml_key_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     ("value", "size"),
-    [("1048576", 1 << 20), (42, 42), ("500MiB", 500 << 20), ("50GiB", 50 << 30), ("2GB", 2 * 10**9),
-     ("1.5KiB", 1536), ("10k", 10000), ("7B", 7)],
+    [
+        ("1048576", 1 << 20),
+        (42, 42),
+        ("500MiB", 500 << 20),
+        ("50GiB", 50 << 30),
+        ("2GB", 2 * 10**9),
+        ("1.5KiB", 1536),
+        ("10k", 10000),
+        ("7B", 7),
+    ],
 )
 def test_sizes(value, size):
     assert parse_size(value) == size
