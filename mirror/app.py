@@ -14,6 +14,7 @@ from mirror.fetch import BlobFetcher
 from mirror.handlers import v2_dispatch, v2_root
 from mirror.keys import CONFIG, FETCHER, INDEX, RESOLVER, STORE, UPSTREAMS
 from mirror.manifests import ManifestResolver
+from mirror.missing import MissingCache
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
 from mirror.upstream.auth import TokenCache
@@ -68,8 +69,9 @@ async def create_app(config: Config) -> web.Application:
     clients = {
         name: RegistryClient(reg, session, tokens) for name, reg in config.registries.items()
     }
-    fetcher = BlobFetcher(store, index, clients)
-    resolver = ManifestResolver(index, store, clients)
+    missing = MissingCache(config.negative_ttl)
+    fetcher = BlobFetcher(store, index, clients, missing)
+    resolver = ManifestResolver(index, store, clients, missing)
 
     app = web.Application(middlewares=[registry_errors], client_max_size=1024 * 1024)
     app[CONFIG] = config

@@ -31,9 +31,30 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tag-ttl", dest="tag_ttl", help="tag freshness: seconds or 5m/1h (default 5m)"
     )
+    serve.add_argument(
+        "--token-realm",
+        dest="token_realms",
+        action="append",
+        help="a host allowed to receive the upstream credentials as a token realm (repeatable)",
+    )
+    serve.add_argument(
+        "--negative-ttl", dest="negative_ttl", help="how long an upstream 404 is remembered (30s)"
+    )
     serve.add_argument("--config", help="TOML configuration file (same keys)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
+
+
+_CONFIG_FLAGS = (
+    "listen",
+    "data",
+    "upstream",
+    "upstream_username",
+    "upstream_password_file",
+    "tag_ttl",
+    "token_realms",
+    "negative_ttl",
+)
 
 
 def serve(args: argparse.Namespace) -> int:

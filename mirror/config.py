@@ -19,6 +19,7 @@ DEFAULT_LISTEN = "0.0.0.0:5000"
 DEFAULT_DATA = "./mirror-data"
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 DEFAULT_TAG_TTL = 300.0
+DEFAULT_NEGATIVE_TTL = 30.0
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,7 @@ class RegistryConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)  # never printed
     tag_ttl: float = DEFAULT_TAG_TTL
+    token_realms: tuple[str, ...] = ()  # extra hosts allowed to receive the credentials
 
     @property
     def credentials(self) -> tuple[str, str] | None:
@@ -101,6 +103,7 @@ class Config:
     registries: Mapping[str, RegistryConfig] = field(
         default_factory=lambda: {DOCKER_HUB: RegistryConfig(DOCKER_HUB, DEFAULT_UPSTREAM)}
     )
+    negative_ttl: float = DEFAULT_NEGATIVE_TTL
 
     @property
     def registry_names(self) -> frozenset[str]:
@@ -115,6 +118,8 @@ _SOURCES = {
     "upstream_username": ("MIRROR_UPSTREAM_USERNAME", "upstream_username"),
     "upstream_password_file": (None, "upstream_password_file"),
     "tag_ttl": ("MIRROR_TAG_TTL", "tag_ttl"),
+    "token_realms": ("MIRROR_TOKEN_REALMS", "token_realms"),
+    "negative_ttl": ("MIRROR_NEGATIVE_TTL", "negative_ttl"),
 }
 _DEFAULTS: dict[str, Any] = {
     "listen": DEFAULT_LISTEN,
@@ -123,7 +128,28 @@ _DEFAULTS: dict[str, Any] = {
     "upstream_username": None,
     "upstream_password_file": None,
     "tag_ttl": DEFAULT_TAG_TTL,
+    "token_realms": (),
+    "negative_ttl": DEFAULT_NEGATIVE_TTL,
 }
+
+
+def parse_hosts(
+    value: str | list[str] | tuple[str, ...], setting: str = "token_realms"
+) -> tuple[str, ...]:
+    """Host names from a list or a comma-separated string; a URL stands for its host."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    hosts: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{setting}: {item!r} is not a host name")
+        item = item.strip()
+        if not item:
+            continue
+        host = urlsplit(item).hostname if "://" in item else item.split(":")[0]
+        if not host:
+            raise ConfigError(f"{setting}: {item!r} is not a host name")
+        hosts.append(host.lower())
+    return tuple(hosts)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -180,10 +206,12 @@ def load_config(
         username=pick("upstream_username"),
         password=password,
         tag_ttl=parse_duration(pick("tag_ttl"), "tag_ttl"),
+        token_realms=parse_hosts(pick("token_realms")),
     )
     return Config(
         listen_host=host,
         listen_port=port,
         data_dir=Path(str(pick("data"))),
         registries={DOCKER_HUB: hub},
+        negative_ttl=parse_duration(pick("negative_ttl"), "negative_ttl"),
     )

@@ -24,9 +24,10 @@ from typing import BinaryIO
 import aiohttp
 
 from mirror.errors import RegistryError
+from mirror.missing import MissingCache
 from mirror.store.blobs import BlobStore, BlobWriter, DigestMismatch
 from mirror.store.index import Index
-from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, status_error
+from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, upstream_error
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,14 @@ class BlobFetcher:
     """The in-flight table and the download tasks it owns."""
 
     def __init__(
-        self, store: BlobStore, index: Index, clients: Mapping[str, RegistryClient]
+        self,
+        store: BlobStore,
+        index: Index,
+        clients: Mapping[str, RegistryClient],
+        missing: MissingCache,
     ) -> None:
         self._store = store
+        self._missing = missing
         self._index = index
         self._clients = clients
         self._inflight: dict[str, InflightFetch] = {}
@@ -141,6 +147,7 @@ class BlobFetcher:
         try:
             f = open(self._store.path(digest), "rb")  # noqa: SIM115 - closed by the caller
         except FileNotFoundError:
+            self._missing.check(registry, repository, digest)
             return self.join(registry, repository, digest)
         return CachedBlob(f, os.fstat(f.fileno()).st_size)
 
@@ -149,10 +156,13 @@ class BlobFetcher:
 
     async def upstream_size(self, registry: str, repository: str, digest: str) -> int:
         """Answer a HEAD for a missing blob without downloading it (HEADs are free upstream)."""
+        self._missing.check(registry, repository, digest)
         resp = await self._clients[registry].request("HEAD", repository, f"blobs/{digest}")
         async with resp:
             if resp.status != 200 or resp.content_length is None:
-                raise status_error(resp.status, resp.headers, "blob", digest)
+                error = await upstream_error(resp, "blob", digest)
+                self._missing.remember(registry, repository, digest, error)
+                raise error
             return resp.content_length
 
     def join(self, registry: str, repository: str, digest: str) -> tuple[InflightFetch, bool]:
@@ -202,7 +212,9 @@ class BlobFetcher:
             writer.discard()
             fetch.failed(exc)
         except Exception as exc:
-            if not isinstance(exc, RegistryError):
+            if isinstance(exc, RegistryError):
+                self._missing.remember(client.registry.name, repository, fetch.digest, exc)
+            else:
                 log.warning("blob %s: fetch failed: %r", fetch.digest, exc)
             writer.discard()
             fetch.failed(exc)
@@ -221,7 +233,7 @@ class BlobFetcher:
                 resp = await client.request("GET", repository, f"blobs/{fetch.digest}", headers)
                 async with resp:
                     if resp.status not in (200, 206):
-                        error = status_error(resp.status, resp.headers, "blob", fetch.digest)
+                        error = await upstream_error(resp, "blob", fetch.digest)
                         from_cdn = not client.is_registry_host(str(resp.url))
                         # An expired CDN URL, or a 5xx mid-transfer (the client already retried
                         # a 5xx before the first byte), is worth a fresh request and a resume.

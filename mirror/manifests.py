@@ -24,11 +24,18 @@ from mirror.mediatypes import (
     platform_child,
     upstream_accept,
 )
+from mirror.missing import MissingCache
 from mirror.reference import Route
 from mirror.singleflight import SingleFlight
 from mirror.store.blobs import BlobStore, digest_of
 from mirror.store.index import Index, TagRow
-from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, is_transient, status_error
+from mirror.upstream.client import (
+    TRANSIENT_ERRORS,
+    RegistryClient,
+    is_transient,
+    status_error,
+    upstream_error,
+)
 
 Result = Literal["hit", "miss", "stale", "coalesced"]
 
@@ -49,9 +56,11 @@ class ManifestResolver:
         index: Index,
         store: BlobStore,
         clients: Mapping[str, RegistryClient],
+        missing: MissingCache,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._index = index
+        self._missing = missing
         self._store = store
         self._clients = clients
         self._clock = clock
@@ -89,24 +98,31 @@ class ManifestResolver:
         self, registry: str, repository: str, reference: str, client_types: frozenset[str]
     ) -> tuple[Manifest, Result]:
         accept = upstream_accept(client_types)
+        row: TagRow | None = None
         if ":" in reference:
             cached = await self._cached(registry, repository, reference)
             if cached is not None:
                 return cached, "hit"
-            manifest, shared = await self._by_digest(registry, repository, reference, accept)
-            return manifest, "coalesced" if shared else "miss"
-
-        row = await self._index.get_tag(registry, repository, reference)
-        ttl = self._clients[registry].registry.tag_ttl
-        if row is not None and self._clock() - row.confirmed < ttl:
-            cached = await self._cached(registry, repository, row.digest)
-            if cached is not None:
-                return cached, "hit"
-        (manifest, result), shared = await self._tags.do(
-            (registry, repository, reference),
-            lambda: self._refresh_tag(registry, repository, reference, row, accept),
-        )
-        return manifest, "coalesced" if shared else result
+        else:
+            row = await self._index.get_tag(registry, repository, reference)
+            ttl = self._clients[registry].registry.tag_ttl
+            if row is not None and self._clock() - row.confirmed < ttl:
+                cached = await self._cached(registry, repository, row.digest)
+                if cached is not None:
+                    return cached, "hit"
+        self._missing.check(registry, repository, reference)
+        try:
+            if ":" in reference:
+                manifest, shared = await self._by_digest(registry, repository, reference, accept)
+                return manifest, "coalesced" if shared else "miss"
+            (manifest, result), shared = await self._tags.do(
+                (registry, repository, reference),
+                lambda: self._refresh_tag(registry, repository, reference, row, accept),
+            )
+            return manifest, "coalesced" if shared else result
+        except RegistryError as exc:
+            self._missing.remember(registry, repository, reference, exc)
+            raise
 
     async def _cached(self, registry: str, repository: str, digest: str) -> Manifest | None:
         media_type = await self._index.get_manifest_type(registry, repository, digest)
@@ -175,7 +191,7 @@ class ManifestResolver:
             )
             async with resp:
                 if resp.status != 200:
-                    raise status_error(resp.status, resp.headers, "manifest", reference)
+                    raise await upstream_error(resp, "manifest", reference)
                 if (resp.content_length or 0) > MAX_MANIFEST_BYTES:
                     raise RegistryError.manifest_invalid("upstream manifest exceeds 4 MiB")
                 data = await _read_capped(resp, MAX_MANIFEST_BYTES)

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from mirror.errors import RegistryError
 from mirror.reference import Route
-from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, is_transient, status_error
+from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, is_transient, upstream_error
 
 MAX_TAGS_BODY = 16 * 1024 * 1024
 _LINK_RE = re.compile(r"<([^>]*)>\s*;\s*rel=\"?next\"?", re.IGNORECASE)
@@ -74,7 +74,7 @@ async def list_tags(
         )
         async with resp:
             if resp.status != 200:
-                error = status_error(resp.status, resp.headers, "tags", route.repository)
+                error = await upstream_error(resp, "tags", route.repository)
                 if resp.status == 404:
                     error = RegistryError.name_unknown(route.repository)
                 raise error

@@ -31,12 +31,16 @@ def mirror_config(
     tag_ttl: float = 300.0,
     username: str | None = None,
     password: str | None = None,
+    token_realms: tuple[str, ...] = (),
+    negative_ttl: float = 30.0,
 ) -> Config:
+    hub = RegistryConfig(DOCKER_HUB, upstream, username, password, tag_ttl, token_realms)
     return Config(
         listen_host="127.0.0.1",
         listen_port=0,
         data_dir=data,
-        registries={DOCKER_HUB: RegistryConfig(DOCKER_HUB, upstream, username, password, tag_ttl)},
+        registries={DOCKER_HUB: hub},
+        negative_ttl=negative_ttl,
     )
 
 

@@ -12,6 +12,7 @@ Facts this encodes (see shared/PROTOCOL.md):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ import aiohttp
 
 from mirror.config import RegistryConfig
 from mirror.errors import RegistryError
+from mirror.metrics import CREDENTIALS_WITHHELD
 from mirror.singleflight import SingleFlight
 from mirror.upstream.auth import (
     Challenge,
@@ -71,10 +73,16 @@ def parse_ratelimit(value: str | None) -> int | None:
 
 
 def status_error(
-    status: int, headers: Mapping[str, str], what: str, reference: str
+    status: int, headers: Mapping[str, str], what: str, reference: str, code: str | None = None
 ) -> RegistryError:
-    """The client-facing error for an upstream status that is not a success."""
+    """The client-facing error for an upstream status that is not a success.
+
+    `code` is the upstream's own error code where it was read: a 404 NAME_UNKNOWN means the
+    whole repository is missing, which the negative cache remembers more widely.
+    """
     if status == 404:
+        if code == "NAME_UNKNOWN":
+            return RegistryError.name_unknown(reference)
         if what == "blob":
             return RegistryError.blob_unknown(reference)
         return RegistryError.manifest_unknown(reference)
@@ -85,6 +93,18 @@ def status_error(
     if status == 429:
         return RegistryError.too_many_requests(headers.get("Retry-After"))
     return RegistryError.unavailable(f"upstream answered {status}")
+
+
+async def upstream_error(resp: aiohttp.ClientResponse, what: str, reference: str) -> RegistryError:
+    """Like status_error, reading the error code from a small 404 body."""
+    code = None
+    if resp.status == 404 and resp.method != "HEAD":
+        try:
+            body = json.loads(await resp.content.read(64 * 1024))
+            code = body["errors"][0]["code"]
+        except (ValueError, KeyError, IndexError, TypeError, *TRANSIENT_ERRORS):
+            code = None
+    return status_error(resp.status, resp.headers, what, reference, code)
 
 
 def usable_challenge(resp: aiohttp.ClientResponse) -> Challenge | None:
@@ -225,15 +245,9 @@ class RegistryClient:
     def _credentials_allowed(self, challenge: Challenge) -> bool:
         if self.registry.credentials is None:
             return False
-        if realm_may_receive_credentials(challenge.realm, self.registry.url):
-            return True
-        log.warning(
-            "upstream %s names token realm %s outside its own domain: requesting an anonymous "
-            "token, configured credentials withheld",
-            self.registry.name,
-            urlsplit(challenge.realm).hostname,
+        return realm_may_receive_credentials(
+            challenge.realm, self.registry.url, self.registry.token_realms
         )
-        return False
 
     def _token_key(self, challenge: Challenge, scopes: tuple[str, ...]) -> TokenKey:
         return (challenge.realm, challenge.service, scopes, self._credentials_allowed(challenge))
@@ -260,6 +274,14 @@ class RegistryClient:
             params.append(("service", service))
         params.extend(("scope", s) for s in scopes)
         creds = self.registry.credentials if with_credentials else None
+        if self.registry.credentials is not None and not with_credentials:
+            CREDENTIALS_WITHHELD.labels(self.registry.name).inc()
+            log.warning(
+                "upstream %s names token realm %s, not one of its allowed hosts (add it to "
+                "token_realms to trust it): requesting an anonymous token, credentials withheld",
+                self.registry.name,
+                urlsplit(realm).hostname,
+            )
         headers = {"Authorization": basic_authorization(*creds)} if creds else {}
         try:
             async with self._session.get(

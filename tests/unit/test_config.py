@@ -89,3 +89,22 @@ def test_sizes(value, size):
 def test_bad_sizes(value):
     with pytest.raises(ConfigError):
         parse_size(value)
+
+
+def test_token_realms_and_negative_ttl(tmp_path):
+    toml = tmp_path / "m.toml"
+    toml.write_text(
+        'token_realms = ["login.example", "https://auth.example/token"]\nnegative_ttl = "1m"\n'
+    )
+    config = load_config({}, {}, str(toml))
+    assert config.registries["docker.io"].token_realms == ("login.example", "auth.example")
+    assert config.negative_ttl == 60
+    config = load_config(
+        {"token_realms": ["a.example"]}, {"MIRROR_TOKEN_REALMS": "b.example,c.example"}
+    )
+    assert config.registries["docker.io"].token_realms == ("a.example",)
+    config = load_config(
+        {}, {"MIRROR_TOKEN_REALMS": "b.example, c.example", "MIRROR_NEGATIVE_TTL": "0"}
+    )
+    assert config.registries["docker.io"].token_realms == ("b.example", "c.example")
+    assert config.negative_ttl == 0

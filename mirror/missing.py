@@ -1,0 +1,41 @@
+"""The negative cache: what upstream recently said does not exist, for a short while.
+
+Every pull of a missing tag would otherwise cost an upstream request (and, on Docker Hub, rate
+limit). Only a 404 is remembered: a 401, 403, 429 or 5xx says nothing about existence. A 404
+NAME_UNKNOWN covers every reference in the repository.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cachetools import TTLCache
+
+from mirror.errors import RegistryError
+from mirror.metrics import NEGATIVE_CACHE_HITS
+
+REPOSITORY = ""  # the reference under which a whole-repository 404 is remembered
+
+
+class MissingCache:
+    def __init__(self, ttl: float, maxsize: int = 65536) -> None:
+        self._ttl = ttl
+        self._cache: TTLCache[tuple[str, str, str], RegistryError] = TTLCache(
+            maxsize=maxsize, ttl=max(ttl, 0.001), timer=time.monotonic
+        )
+
+    def check(self, registry: str, repository: str, reference: str) -> None:
+        """Raise the remembered 404 for this reference or its repository, if there is one."""
+        for key in ((registry, repository, reference), (registry, repository, REPOSITORY)):
+            error = self._cache.get(key)
+            if error is not None:
+                NEGATIVE_CACHE_HITS.labels(registry).inc()
+                raise error
+
+    def remember(
+        self, registry: str, repository: str, reference: str, error: RegistryError
+    ) -> None:
+        if self._ttl <= 0 or error.status != 404:
+            return
+        scope = REPOSITORY if error.code == "NAME_UNKNOWN" else reference
+        self._cache[(registry, repository, scope)] = error

@@ -1,0 +1,115 @@
+"""Upstream credentials go only where they belong; what does not exist is remembered briefly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from prometheus_client import REGISTRY
+
+from tests.conftest import StartMirror
+from tests.fixtures.fakehub import FakeHub
+from tests.fixtures.images import small_image
+from tests.integration.test_pull_path import ALL_TYPES, get, mirror_url, pull
+
+CREDS = {"username": "hubuser", "password": "hubpass"}
+
+
+def withheld() -> float:
+    return (
+        REGISTRY.get_sample_value("mirror_credentials_withheld_total", {"registry": "docker.io"})
+        or 0.0
+    )
+
+
+def credentialed(hub: FakeHub) -> list[object]:
+    return [r for r in hub.requests("token") if "Authorization" in r.headers]
+
+
+async def test_a_foreign_realm_never_receives_the_credentials(
+    hub: FakeHub, start_mirror: StartMirror, http, caplog
+):
+    """The registry is reached as `localhost`; its challenge names a realm on 127.0.0.1."""
+    hub.add("library/alpine", "3.19", small_image("public"))
+    hub.add("acme/secret", "v1", small_image("secret"), private=True)
+    registry = hub.registry_url.replace("127.0.0.1", "localhost")
+    before = withheld()
+    caplog.set_level(logging.WARNING, logger="mirror")
+    base = mirror_url(await start_mirror(registry, **CREDS))
+    await pull(http, base, "library/alpine", "3.19")  # anonymous is enough for public content
+    status, _, body = await get(http, f"{base}/v2/acme/secret/manifests/v1", Accept=ALL_TYPES)
+    assert status == 401 and json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+    assert hub.requests("token"), "the foreign realm was asked (anonymously)"
+    assert credentialed(hub) == []
+    assert not [r for r in hub.log if "Authorization" in r.headers and r.server != "registry"]
+    assert withheld() > before
+    assert "token_realms" in caplog.text and "hubpass" not in caplog.text
+
+
+async def test_the_registrys_own_realm_and_listed_realms_receive_the_credentials(
+    hub: FakeHub, start_mirror: StartMirror, http, tmp_path
+):
+    hub.add("acme/secret", "v1", image := small_image("secret2"), private=True)
+    same_host = mirror_url(await start_mirror(hub.registry_url, data=tmp_path / "a", **CREDS))
+    assert image.digest in await pull(http, same_host, "acme/secret", "v1")
+    assert credentialed(hub)
+    hub.reset_log()
+    listed = mirror_url(
+        await start_mirror(
+            hub.registry_url.replace("127.0.0.1", "localhost"),
+            data=tmp_path / "b",
+            token_realms=("127.0.0.1",),
+            **CREDS,
+        )
+    )
+    assert image.digest in await pull(http, listed, "acme/secret", "v1")
+    assert credentialed(hub)
+
+
+async def test_fifty_concurrent_pulls_of_a_missing_tag_cost_one_upstream_request(
+    hub: FakeHub, start_mirror: StartMirror, http
+):
+    hub.add("library/alpine", "3.19", small_image("present"))
+    base = mirror_url(await start_mirror(hub.registry_url))
+    url = f"{base}/v2/library/alpine/manifests/nope"
+    answers = await asyncio.gather(*(get(http, url, Accept=ALL_TYPES) for _ in range(50)))
+    for status, _, body in answers:
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    for _ in range(10):  # a later burst within the negative TTL: still nothing upstream
+        assert (await get(http, url, Accept=ALL_TYPES))[0] == 404
+    assert len(hub.requests(contains="/manifests/nope")) == 1
+
+
+async def test_a_missing_tag_is_asked_again_after_the_negative_ttl(hub, start_mirror, http):
+    hub.add("library/alpine", "3.19", small_image("later"))
+    base = mirror_url(await start_mirror(hub.registry_url, negative_ttl=0.3))
+    url = f"{base}/v2/library/alpine/manifests/soon"
+    assert (await get(http, url, Accept=ALL_TYPES))[0] == 404
+    hub.add("library/alpine", "soon", image := small_image("soon"))
+    assert (await get(http, url, Accept=ALL_TYPES))[0] == 404  # remembered
+    await asyncio.sleep(0.4)
+    status, headers, _ = await get(http, url, Accept=ALL_TYPES)
+    assert status == 200 and headers["Docker-Content-Digest"] == image.digest
+
+
+async def test_errors_other_than_404_are_never_remembered(hub, start_mirror, http):
+    hub.add("library/alpine", "3.19", image := small_image("flaky"))
+    base = mirror_url(await start_mirror(hub.registry_url))
+    url = f"{base}/v2/library/alpine/manifests/3.19"
+    hub.fail_statuses = [500, 500, 500]
+    assert (await get(http, url, Accept=ALL_TYPES))[0] == 503
+    hub.fail_statuses = [429]
+    assert (await get(http, url, Accept=ALL_TYPES))[0] == 429
+    status, headers, _ = await get(http, url, Accept=ALL_TYPES)
+    assert status == 200 and headers["Docker-Content-Digest"] == image.digest
+
+
+async def test_a_missing_blob_is_remembered_too(hub, start_mirror, http):
+    hub.add("library/alpine", "3.19", small_image("blobs"))
+    base = mirror_url(await start_mirror(hub.registry_url))
+    url = f"{base}/v2/library/alpine/blobs/sha256:{'1' * 64}"
+    for _ in range(5):
+        status, _, body = await get(http, url)
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert len(hub.requests("registry", "GET", "/blobs/")) == 1
