@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from mirror.access import AccessTracker
+from mirror.admin import create_admin_app
 from mirror.config import Config
 from mirror.errors import RegistryError
+from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
-from mirror.handlers import v2_dispatch, v2_root
-from mirror.keys import CONFIG, FETCHER, INDEX, RESOLVER, STORE, UPSTREAMS
+from mirror.handlers import add_cache_header, v2_dispatch, v2_root
+from mirror.keys import ACCESS, CONFIG, EVICTOR, FETCHER, INDEX, RESOLVER, STORE, UPSTREAMS
 from mirror.manifests import ManifestResolver
+from mirror.metrics import CACHE_MAX_BYTES, REQUEST_DURATION, REQUESTS
 from mirror.missing import MissingCache
+from mirror.recovery import recover
 from mirror.store.blobs import BlobStore
-from mirror.store.index import Index
 from mirror.upstream.auth import TokenCache
 from mirror.upstream.client import RegistryClient, make_session
 
@@ -57,29 +63,56 @@ def _started(request: web.Request) -> bool:
     return bool(request.get("started"))
 
 
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every request by kind and cache result (labels with bounded values)."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        route = request.get("route")
+        kind = route.endpoint.value if route is not None else "other"
+        kind = kind if kind in ("manifest", "blob", "tags") else "other"
+        result = "error" if status >= 400 else request.get("cache", "hit")
+        method = request.method if request.method in ("GET", "HEAD") else "other"
+        REQUESTS.labels(kind, method, result).inc()
+        REQUEST_DURATION.labels(kind).observe(time.perf_counter() - started)
+
+
 async def create_app(config: Config) -> web.Application:
-    """Open the store, index and upstream clients, and wire them onto a new Application."""
+    """Recover the store and index, open the upstream clients, wire them onto an Application."""
     store = BlobStore(config.data_dir)
-    removed = store.prepare()
-    if removed:
-        log.info("removed %d incomplete download(s) left from an earlier run", removed)
-    index = await Index.open(config.data_dir / "index.db")
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    index, _report = await recover(store, config.data_dir / "index.db")
+    access = AccessTracker(index)
+    evictor = Evictor(
+        index, store, access, config.max_size,
+        {name: reg.tag_ttl for name, reg in config.registries.items()}, config.max_age,
+    )  # fmt: skip
+    CACHE_MAX_BYTES.set(config.max_size)
+    await evictor.start()
     session = make_session()
     tokens = TokenCache()
     clients = {
         name: RegistryClient(reg, session, tokens) for name, reg in config.registries.items()
     }
     missing = MissingCache(config.negative_ttl)
-    fetcher = BlobFetcher(store, index, clients, missing)
-    resolver = ManifestResolver(index, store, clients, missing)
+    fetcher = BlobFetcher(store, index, clients, missing, evictor)
+    resolver = ManifestResolver(index, store, clients, missing, evictor)
 
-    app = web.Application(middlewares=[registry_errors], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[observe, registry_errors], client_max_size=1024 * 1024)
     app[CONFIG] = config
     app[STORE] = store
     app[INDEX] = index
     app[UPSTREAMS] = clients
     app[FETCHER] = fetcher
     app[RESOLVER] = resolver
+    app[EVICTOR] = evictor
+    app[ACCESS] = access
+    app.on_response_prepare.append(add_cache_header)
     app.router.add_route("*", "/v2/", v2_root)
     app.router.add_route("*", "/v2", v2_root)
     app.router.add_route("*", "/v2/{path:.+}", v2_dispatch)
@@ -87,6 +120,7 @@ async def create_app(config: Config) -> web.Application:
     async def shutdown(_app: web.Application) -> None:
         await fetcher.close()
         await resolver.close()
+        await evictor.close()
         for client in clients.values():
             await client.close()
         await session.close()
@@ -94,3 +128,24 @@ async def create_app(config: Config) -> web.Application:
 
     app.on_cleanup.append(shutdown)
     return app
+
+
+async def run(config: Config, access_log_format: str) -> None:
+    """Serve the registry API and the admin API until SIGTERM or SIGINT."""
+    app = await create_app(config)
+    runner = web.AppRunner(app, access_log_format=access_log_format, shutdown_timeout=30)
+    await runner.setup()
+    admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
+    await admin_runner.setup()
+    try:
+        await web.TCPSite(runner, config.listen_host, config.listen_port).start()
+        await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await admin_runner.cleanup()
+        await runner.cleanup()

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from mirror import __version__
-from mirror.app import create_app
+from mirror.app import run
 from mirror.config import ConfigError, load_config
 
 
@@ -87,14 +86,7 @@ def serve(args: argparse.Namespace) -> int:
         hub.url,
         "with credentials" if hub.credentials else "anonymous",
     )
-    web.run_app(
-        create_app(config),
-        host=config.listen_host,
-        port=config.listen_port,
-        print=None,
-        access_log_format='%a "%r" %s %b %Tfs',
-        shutdown_timeout=30,
-    )
+    asyncio.run(run(config, access_log_format='%a "%r" %s %b %Tfs'))
     return 0
 
 

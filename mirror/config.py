@@ -20,6 +20,8 @@ DEFAULT_DATA = "./mirror-data"
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 DEFAULT_TAG_TTL = 300.0
 DEFAULT_NEGATIVE_TTL = 30.0
+DEFAULT_MAX_SIZE = "20GiB"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:5001"
 
 
 class ConfigError(ValueError):
@@ -104,6 +106,10 @@ class Config:
         default_factory=lambda: {DOCKER_HUB: RegistryConfig(DOCKER_HUB, DEFAULT_UPSTREAM)}
     )
     negative_ttl: float = DEFAULT_NEGATIVE_TTL
+    max_size: int = 20 * 1024**3
+    max_age: float | None = None  # expire content unused this long; None: only the cap evicts
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 5001
 
     @property
     def registry_names(self) -> frozenset[str]:
@@ -120,6 +126,9 @@ _SOURCES = {
     "tag_ttl": ("MIRROR_TAG_TTL", "tag_ttl"),
     "token_realms": ("MIRROR_TOKEN_REALMS", "token_realms"),
     "negative_ttl": ("MIRROR_NEGATIVE_TTL", "negative_ttl"),
+    "max_size": ("MIRROR_MAX_SIZE", "max_size"),
+    "max_age": ("MIRROR_MAX_AGE", "max_age"),
+    "admin_listen": ("MIRROR_ADMIN_LISTEN", "admin_listen"),
 }
 _DEFAULTS: dict[str, Any] = {
     "listen": DEFAULT_LISTEN,
@@ -130,6 +139,9 @@ _DEFAULTS: dict[str, Any] = {
     "tag_ttl": DEFAULT_TAG_TTL,
     "token_realms": (),
     "negative_ttl": DEFAULT_NEGATIVE_TTL,
+    "max_size": DEFAULT_MAX_SIZE,
+    "max_age": None,
+    "admin_listen": DEFAULT_ADMIN_LISTEN,
 }
 
 
@@ -190,6 +202,11 @@ def load_config(
         return _DEFAULTS[name]
 
     host, port = parse_listen(str(pick("listen")))
+    admin_host, admin_port = parse_listen(str(pick("admin_listen")), "admin_listen")
+    max_size = parse_size(pick("max_size"), "max_size")
+    if max_size <= 0:
+        raise ConfigError("max_size: must be positive")
+    max_age = pick("max_age")
     password: str | None = None
     # A password given directly in the environment outranks the file only when no flag names a file.
     password_file = flags.get("upstream_password_file")
@@ -214,4 +231,8 @@ def load_config(
         data_dir=Path(str(pick("data"))),
         registries={DOCKER_HUB: hub},
         negative_ttl=parse_duration(pick("negative_ttl"), "negative_ttl"),
+        max_size=max_size,
+        max_age=None if max_age is None else parse_duration(max_age, "max_age"),
+        admin_host=admin_host,
+        admin_port=admin_port,
     )

@@ -24,6 +24,7 @@ from typing import BinaryIO
 import aiohttp
 
 from mirror.errors import RegistryError
+from mirror.evict import Evictor
 from mirror.missing import MissingCache
 from mirror.store.blobs import BlobStore, BlobWriter, DigestMismatch
 from mirror.store.index import Index
@@ -121,9 +122,11 @@ class BlobFetcher:
         index: Index,
         clients: Mapping[str, RegistryClient],
         missing: MissingCache,
+        evictor: Evictor,
     ) -> None:
         self._store = store
         self._missing = missing
+        self._evictor = evictor
         self._index = index
         self._clients = clients
         self._inflight: dict[str, InflightFetch] = {}
@@ -192,13 +195,15 @@ class BlobFetcher:
     ) -> None:
         try:
             media_type = await self._download(fetch, writer, client, repository)
+            await self._evictor.make_room(writer.received)
             final_path = await writer.commit()
             # Index before the fetch leaves the table: a request arriving in between still
             # finds the fetch, one arriving after finds the row; never neither.
             fetch.succeeded(final_path)
             try:
                 await writer.sync_directory()
-                await self._index.add_blob(fetch.digest, fetch.received, media_type)
+                if await self._index.add_blob(fetch.digest, fetch.received, media_type):
+                    self._evictor.added(fetch.received)
             except Exception:
                 # The verified file is in place and being served; a missing row is what
                 # start-up reconciliation repairs. Readers must not be failed for it.

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from mirror.errors import RegistryError
 from mirror.fetch import CachedBlob
-from mirror.keys import CONFIG, FETCHER, INDEX, RESOLVER, UPSTREAMS
+from mirror.keys import ACCESS, CONFIG, FETCHER, INDEX, RESOLVER, UPSTREAMS
 from mirror.mediatypes import parse_accept
 from mirror.reference import Endpoint, Route, parse_v2_path
 from mirror.responses import (
@@ -25,6 +25,7 @@ async def v2_root(request: web.Request) -> web.Response:
     """The API version check. No challenge: Docker would send the user's Hub login (moby#42022)."""
     if request.method not in READ_METHODS:
         raise RegistryError.unsupported()
+    request["cache"] = "hit"
     return web.Response(body=b"{}", content_type="application/json", headers=API_VERSION_HEADER)
 
 
@@ -49,6 +50,7 @@ async def manifest(request: web.Request, route: Route) -> web.Response:
     client_types = parse_accept(request.headers.getall("Accept", []))
     found, result = await request.app[RESOLVER].for_client(route, client_types)
     request["cache"] = result
+    request.app[ACCESS].touch(found.digest)
     return manifest_response(request, found)
 
 
@@ -63,17 +65,25 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
     found = fetcher.open_or_join(route.registry, route.repository, digest)
     if isinstance(found, CachedBlob):
         request["cache"] = "hit"
+        request.app[ACCESS].touch(digest)
         with found.file:
             return await send_cached_blob(request, found.file, digest, found.size)
     fetch, joined = found
     request["cache"] = "coalesced" if joined else "miss"
-    return await send_inflight_blob(request, fetch)
+    return await send_inflight_blob(request, fetch, joined)
 
 
 async def tags(request: web.Request, route: Route) -> web.Response:
     cached = await request.app[INDEX].list_tags(route.registry, route.repository)
-    body, link = await list_tags(
+    body, link, stale = await list_tags(
         request.app[UPSTREAMS][route.registry], route, dict(request.query), request.path, cached
     )
+    request["cache"] = "stale" if stale else "miss"
     headers = {"Link": link} if link else {}
     return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+async def add_cache_header(request: web.Request, response: web.StreamResponse) -> None:
+    """`X-Mirror-Cache: hit|miss|stale|coalesced`: lets `mirror prefetch` and people see it."""
+    if "cache" in request and response.status < 400:
+        response.headers["X-Mirror-Cache"] = request["cache"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from mirror.access import AccessTracker
 from mirror.config import Config
+from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
 from mirror.manifests import ManifestResolver
 from mirror.store.blobs import BlobStore
@@ -17,3 +19,5 @@ INDEX = web.AppKey("index", Index)
 UPSTREAMS = web.AppKey("upstreams", dict[str, RegistryClient])
 FETCHER = web.AppKey("fetcher", BlobFetcher)
 RESOLVER = web.AppKey("resolver", ManifestResolver)
+EVICTOR = web.AppKey("evictor", Evictor)
+ACCESS = web.AppKey("access", AccessTracker)

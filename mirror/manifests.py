@@ -16,12 +16,14 @@ from typing import Literal
 import aiohttp
 
 from mirror.errors import RegistryError
+from mirror.evict import Evictor
 from mirror.mediatypes import (
     MAX_MANIFEST_BYTES,
     Negotiation,
     content_type_of,
     negotiate,
     platform_child,
+    references,
     upstream_accept,
 )
 from mirror.missing import MissingCache
@@ -57,9 +59,11 @@ class ManifestResolver:
         store: BlobStore,
         clients: Mapping[str, RegistryClient],
         missing: MissingCache,
+        evictor: Evictor,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._index = index
+        self._evictor = evictor
         self._missing = missing
         self._store = store
         self._clients = clients
@@ -210,8 +214,12 @@ class ManifestResolver:
                 f"upstream manifest does not match its digest {expected}"
             )
         media_type = content_type_of(data, header_type)
+        await self._evictor.make_room(len(data))
         await self._store.put(digest, data)
-        await self._index.add_manifest(registry, repository, digest, media_type, len(data))
+        if await self._index.add_manifest(
+            registry, repository, digest, media_type, len(data), references(data)
+        ):
+            self._evictor.added(len(data))
         return Manifest(digest, media_type, data)
 
 

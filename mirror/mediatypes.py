@@ -99,3 +99,25 @@ def platform_child(index_bytes: bytes, platform: tuple[str, str] = DEFAULT_PLATF
         ):
             return str(entry["digest"])
     return None
+
+
+def references(data: bytes) -> list[tuple[str, int]]:
+    """The (digest, size) of everything a manifest or index names: config, layers, manifests."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return []
+    if not isinstance(doc, dict):
+        return []
+    entries: list[object] = []
+    if isinstance(doc.get("config"), dict):
+        entries.append(doc["config"])
+    for key in ("layers", "manifests"):
+        if isinstance(doc.get(key), list):
+            entries.extend(doc[key])
+    found: list[tuple[str, int]] = []
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
+            size = entry.get("size")
+            found.append((entry["digest"], size if isinstance(size, int) else 0))
+    return found

@@ -134,3 +134,28 @@ def parse_v2_path(path: str, ns: str | None, registries: frozenset[str]) -> Rout
     elif endpoint in (Endpoint.BLOB, Endpoint.REFERRERS):
         validate_digest(reference)
     return Route(registry, name, endpoint, reference)
+
+
+_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
+
+
+def parse_image(image: str, registries: frozenset[str]) -> tuple[str, str, str]:
+    """`alpine`, `alpine:3.19`, `ghcr.io/o/i:v1`, `name@sha256:...` -> (registry, repository, ref).
+
+    Docker's reference rules: a host-like first component names the registry, the tag
+    defaults to `latest`, and a one-component Docker Hub name lives under `library/`.
+    """
+    name, at, digest = image.strip().partition("@")
+    reference = validate_digest(digest) if at else ""
+    last = name.rsplit("/", 1)[-1]
+    if not at and ":" in last:
+        name, _, reference = name.rpartition(":")
+        validate_tag(reference)
+    reference = reference or "latest"
+    registry = DOCKER_HUB
+    first, _, rest = name.partition("/")
+    if rest and looks_like_registry_host(first):
+        registry, name = ("docker.io" if first in _HUB_ALIASES else first), rest
+    if registry not in registries:
+        raise RegistryError.registry_unknown(registry)
+    return registry, normalize_repository(registry, validate_name(name)), reference

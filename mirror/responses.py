@@ -18,6 +18,7 @@ from mirror.errors import RegistryError
 from mirror.fetch import InflightFetch
 from mirror.httprange import ByteRange, Unsatisfiable, parse_range
 from mirror.manifests import Manifest
+from mirror.metrics import SAVED_BYTES, SERVED_BYTES
 
 BLOB_CONTENT_TYPE = "application/octet-stream"
 FALLBACK_CHUNK = 256 * 1024
@@ -72,15 +73,32 @@ def _blob_response(digest: str, size: int | None, rng: ByteRange | None) -> web.
     return resp
 
 
+def _count(source: str, sent: int) -> None:
+    SERVED_BYTES.labels(source).inc(sent)
+    if source == "cache":
+        SAVED_BYTES.inc(sent)
+
+
 async def _send(
-    request: web.Request, resp: web.StreamResponse, f: BinaryIO, offset: int, count: int, raw: bool
+    request: web.Request,
+    resp: web.StreamResponse,
+    f: BinaryIO,
+    offset: int,
+    count: int,
+    raw: bool,
+    source: str,
 ) -> None:
-    """Send `count` bytes of `f` from `offset`: sendfile when the framing allows (known length)."""
+    """Send `count` bytes of `f` from `offset`: sendfile when the framing allows (known length).
+
+    `source` says where the bytes came from for the byte counters: "cache" for disk and for
+    another client's download, "upstream" for the download this request started.
+    """
     if raw:
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("client went away")
         await asyncio.get_running_loop().sendfile(transport, f, offset, count)
+        _count(source, count)
         return
     fd = f.fileno()
     while count > 0:
@@ -88,6 +106,7 @@ async def _send(
         if not chunk:
             raise ConnectionResetError("file shorter than expected")
         await resp.write(chunk)
+        _count(source, len(chunk))
         offset += len(chunk)
         count -= len(chunk)
 
@@ -113,12 +132,14 @@ async def send_cached_blob(
     if request.method != "HEAD":
         start, end = (rng.start, rng.end) if rng else (0, size)
         if end > start:
-            await _send(request, resp, f, start, end - start, raw=True)
+            await _send(request, resp, f, start, end - start, raw=True, source="cache")
     await resp.write_eof()
     return resp
 
 
-async def send_inflight_blob(request: web.Request, fetch: InflightFetch) -> web.StreamResponse:
+async def send_inflight_blob(
+    request: web.Request, fetch: InflightFetch, joined: bool
+) -> web.StreamResponse:
     """Serve a blob while it downloads: follow the growing temp file, verified end last.
 
     Headers go out as soon as the upstream's did (containerd gives up after 30 s without
@@ -138,12 +159,13 @@ async def send_inflight_blob(request: web.Request, fetch: InflightFetch) -> web.
             await resp.write_eof()
             return resp
         start, end = (rng.start, rng.end) if rng else (0, size)
+        source = "cache" if joined else "upstream"
         pos = start
         while True:
             fetch.check()
             limit = fetch.readable_until(end)
             if pos < limit:
-                await _send(request, resp, f, pos, limit - pos, raw=size is not None)
+                await _send(request, resp, f, pos, limit - pos, size is not None, source)
                 pos = limit
                 continue
             if fetch.verified and pos >= (end if end is not None else fetch.received):

@@ -56,8 +56,8 @@ async def list_tags(
     query: dict[str, str],
     mirror_path: str,
     cached: list[str],
-) -> tuple[bytes, str | None]:
-    """The body and Link header for a tags/list request.
+) -> tuple[bytes, str | None, bool]:
+    """The body and Link header for a tags/list request, and whether it came from the cache.
 
     When upstream is unreachable, the tags the mirror holds are listed instead, so a client
     that lists before pulling still works offline.
@@ -82,7 +82,7 @@ async def list_tags(
             if len(body) > MAX_TAGS_BODY:
                 raise RegistryError.unavailable("upstream tag list too large")
             json.loads(body)  # relay only well-formed JSON
-            return body, rewrite_link(resp.headers.get("Link"), mirror_path, query.get("ns"))
+            return body, rewrite_link(resp.headers.get("Link"), mirror_path, query.get("ns")), False
     except TRANSIENT_ERRORS as exc:
         error = RegistryError.unavailable(f"upstream failed: {type(exc).__name__}")
     except ValueError:
@@ -97,4 +97,4 @@ async def list_tags(
         link = rewrite_link(
             f'<?{urlencode({"n": n, "last": page[-1]})}>; rel="next"', mirror_path, query.get("ns")
         )
-    return json.dumps({"name": route.repository, "tags": page}).encode(), link
+    return json.dumps({"name": route.repository, "tags": page}).encode(), link, True

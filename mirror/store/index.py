@@ -32,6 +32,22 @@ CREATE TABLE IF NOT EXISTS manifests (
     PRIMARY KEY (registry, repository, digest)
 );
 CREATE INDEX IF NOT EXISTS manifests_by_digest ON manifests (digest);
+CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (last_access);
+CREATE TABLE IF NOT EXISTS refs (
+    parent      TEXT NOT NULL,  -- a manifest digest
+    child       TEXT NOT NULL,  -- a config, layer or child manifest it names
+    size        INTEGER NOT NULL,
+    PRIMARY KEY (parent, child)
+);
+CREATE INDEX IF NOT EXISTS refs_by_child ON refs (child);
+CREATE TABLE IF NOT EXISTS pins (
+    registry    TEXT NOT NULL,
+    repository  TEXT NOT NULL,
+    reference   TEXT NOT NULL,
+    digest      TEXT NOT NULL,  -- everything the image names, each digest its own row
+    PRIMARY KEY (registry, repository, reference, digest)
+);
+CREATE INDEX IF NOT EXISTS pins_by_digest ON pins (digest);
 CREATE TABLE IF NOT EXISTS tags (
     registry    TEXT NOT NULL,
     repository  TEXT NOT NULL,
@@ -78,17 +94,22 @@ class Index:
 
     async def _upsert_blob(
         self, digest: str, size: int, media_type: str | None, now: float
-    ) -> None:
-        await self._db.execute(
-            "INSERT INTO blobs (digest, size, media_type, created, last_access) "
-            "VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(digest) DO UPDATE SET last_access=excluded.last_access",
+    ) -> bool:
+        """Insert the row, or refresh its access time; True if it is new."""
+        cur = await self._db.execute(
+            "INSERT OR IGNORE INTO blobs (digest, size, media_type, created, last_access) "
+            "VALUES (?, ?, ?, ?, ?)",
             (digest, size, media_type, now, now),
         )
+        if cur.rowcount:
+            return True
+        await self._db.execute("UPDATE blobs SET last_access = ? WHERE digest = ?", (now, digest))
+        return False
 
-    async def add_blob(self, digest: str, size: int, media_type: str | None) -> None:
-        await self._upsert_blob(digest, size, media_type, time.time())
+    async def add_blob(self, digest: str, size: int, media_type: str | None) -> bool:
+        new = await self._upsert_blob(digest, size, media_type, time.time())
         await self._db.commit()
+        return new
 
     async def forget_blob(self, digest: str) -> None:
         await self._db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
@@ -103,16 +124,27 @@ class Index:
         return None if row is None else str(row[0])
 
     async def add_manifest(
-        self, registry: str, repository: str, digest: str, media_type: str, size: int
-    ) -> None:
+        self,
+        registry: str,
+        repository: str,
+        digest: str,
+        media_type: str,
+        size: int,
+        children: list[tuple[str, int]],
+    ) -> bool:
         now = time.time()
-        await self._upsert_blob(digest, size, media_type, now)
+        new = await self._upsert_blob(digest, size, media_type, now)
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO refs (parent, child, size) VALUES (?, ?, ?)",
+            [(digest, child, child_size) for child, child_size in children],
+        )
         await self._db.execute(
             "INSERT OR IGNORE INTO manifests (registry, repository, digest, media_type, created) "
             "VALUES (?, ?, ?, ?, ?)",
             (registry, repository, digest, media_type, now),
         )
         await self._db.commit()
+        return new
 
     async def get_tag(self, registry: str, repository: str, tag: str) -> TagRow | None:
         async with self._db.execute(
@@ -147,3 +179,109 @@ class Index:
             (registry, repository),
         ) as cur:
             return [str(r[0]) async for r in cur]
+
+    # -- lifecycle: access times, usage, eviction, pins ------------------------------------------
+    async def touch_many(self, accessed: dict[str, float]) -> None:
+        """Record a batch of access times (never moving one backwards)."""
+        await self._db.executemany(
+            "UPDATE blobs SET last_access = MAX(last_access, ?) WHERE digest = ?",
+            [(when, digest) for digest, when in accessed.items()],
+        )
+        await self._db.commit()
+
+    async def usage(self) -> tuple[int, int, int]:
+        """Bytes indexed, blob count (manifests included), distinct manifests."""
+        async with self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM blobs") as cur:
+            row = await cur.fetchone()
+        async with self._db.execute("SELECT COUNT(DISTINCT digest) FROM manifests") as cur:
+            manifests = await cur.fetchone()
+        assert row is not None and manifests is not None
+        return int(row[0]), int(row[1]), int(manifests[0])
+
+    async def eviction_candidates(
+        self, fresh_since: float, limit: int, unused_before: float | None = None
+    ) -> list[tuple[str, int]]:
+        """Least recently used first; never pinned content or the manifest of a fresh tag."""
+        where = "" if unused_before is None else "AND b.last_access < ?"
+        params: tuple[float | int, ...] = (fresh_since,)
+        if unused_before is not None:
+            params += (unused_before,)
+        async with self._db.execute(
+            "SELECT b.digest, b.size FROM blobs b "
+            "WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.digest = b.digest) "
+            "AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.digest = b.digest AND t.confirmed > ?) "
+            f"{where} ORDER BY b.last_access ASC LIMIT ?",
+            (*params, limit),
+        ) as cur:
+            return [(str(r[0]), int(r[1])) async for r in cur]
+
+    async def forget_blobs(self, digests: list[str]) -> None:
+        rows = [(d,) for d in digests]
+        await self._db.executemany("DELETE FROM blobs WHERE digest = ?", rows)
+        await self._db.executemany("DELETE FROM manifests WHERE digest = ?", rows)
+        await self._db.executemany("DELETE FROM refs WHERE parent = ?", rows)
+        await self._db.executemany("DELETE FROM tags WHERE digest = ?", rows)
+        await self._db.commit()
+
+    async def closure(self, digest: str) -> dict[str, int]:
+        """Every digest a manifest names, recursively (index -> manifests -> config, layers)."""
+        async with self._db.execute(
+            "WITH RECURSIVE c(d, size) AS ("
+            "  SELECT ?, COALESCE((SELECT size FROM blobs WHERE digest = ?), 0)"
+            "  UNION SELECT r.child, r.size FROM refs r JOIN c ON r.parent = c.d"
+            ") SELECT d, size FROM c",
+            (digest, digest),
+        ) as cur:
+            return {str(r[0]): int(r[1]) async for r in cur}
+
+    async def referenced_outside(self, digests: set[str]) -> set[str]:
+        """Those of `digests` that some manifest outside the set also names."""
+        found: set[str] = set()
+        for digest in digests:
+            async with self._db.execute(
+                "SELECT parent FROM refs WHERE child = ?", (digest,)
+            ) as cur:
+                if any([str(r[0]) not in digests async for r in cur]):
+                    found.add(digest)
+        return found
+
+    async def pin(self, registry: str, repository: str, reference: str, digests: set[str]) -> None:
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO pins (registry, repository, reference, digest) "
+            "VALUES (?, ?, ?, ?)",
+            [(registry, repository, reference, d) for d in sorted(digests)],
+        )
+        await self._db.commit()
+
+    async def unpin(self, registry: str, repository: str, reference: str) -> int:
+        cur = await self._db.execute(
+            "DELETE FROM pins WHERE registry = ? AND repository = ? AND reference = ?",
+            (registry, repository, reference),
+        )
+        await self._db.commit()
+        return int(cur.rowcount)
+
+    async def pinned(self) -> set[str]:
+        async with self._db.execute("SELECT DISTINCT digest FROM pins") as cur:
+            return {str(r[0]) async for r in cur}
+
+    async def images(self) -> list[dict[str, object]]:
+        """Every cached tag: registry, repository, tag, digest, media type, last access, pinned."""
+        async with self._db.execute(
+            "SELECT t.registry, t.repository, t.tag, t.digest, t.confirmed, b.media_type, "
+            "b.last_access, EXISTS (SELECT 1 FROM pins p WHERE p.digest = t.digest) "
+            "FROM tags t JOIN blobs b ON b.digest = t.digest "
+            "ORDER BY t.registry, t.repository, t.tag"
+        ) as cur:
+            keys = ("registry", "repository", "tag", "digest", "confirmed", "media_type",
+                    "last_access", "pinned")  # fmt: skip
+            return [dict(zip(keys, row, strict=True)) async for row in cur]
+
+    async def all_blobs(self) -> dict[str, int]:
+        async with self._db.execute("SELECT digest, size FROM blobs") as cur:
+            return {str(r[0]): int(r[1]) async for r in cur}
+
+    async def integrity_ok(self) -> bool:
+        async with self._db.execute("PRAGMA quick_check") as cur:
+            row = await cur.fetchone()
+        return row is not None and row[0] == "ok"

@@ -1,0 +1,152 @@
+"""The admin API, on its own listener (127.0.0.1:5001 by default) so it never faces the LAN.
+
+Behind `mirror stats`, `pin`, `unpin` and `purge`: what only the running server can do, because
+it owns the cache's usage figures, the eviction lock and the counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import REGISTRY
+
+from mirror.config import ConfigError, parse_duration
+from mirror.errors import RegistryError
+from mirror.keys import CONFIG, EVICTOR, INDEX, RESOLVER
+from mirror.mediatypes import INDEX_TYPES, references
+from mirror.reference import parse_image
+
+MAIN = web.AppKey("main", web.Application)
+
+
+def _counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RegistryError(400, "UNSUPPORTED", "the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise RegistryError(400, "UNSUPPORTED", "the body must be a JSON object")
+    return body
+
+
+def _image(main: web.Application, body: dict[str, Any]) -> tuple[str, str, str]:
+    image = body.get("image")
+    if not isinstance(image, str):
+        raise RegistryError(400, "NAME_INVALID", "`image` (e.g. alpine:3.19) is required")
+    return parse_image(image, main[CONFIG].registry_names)
+
+
+async def stats(request: web.Request) -> web.Response:
+    main = request.app[MAIN]
+    evictor = main[EVICTOR]
+    _, blobs, manifests = await main[INDEX].usage()
+    results = ("hit", "miss", "stale", "coalesced", "error")
+    requests = {
+        r: sum(_counter("mirror_requests_total", kind=k, method=m, result=r)
+               for k in ("manifest", "blob", "tags", "other") for m in ("GET", "HEAD"))
+        for r in results
+    }  # fmt: skip
+    return web.json_response(
+        {
+            "disk_bytes": evictor.usage,
+            "max_bytes": evictor.max_size,
+            "blobs": blobs,
+            "manifests": manifests,
+            "requests": requests,
+            "served_from_cache_bytes": _counter("mirror_served_bytes_total", source="cache"),
+            "served_from_upstream_bytes": _counter("mirror_served_bytes_total", source="upstream"),
+            "fetched_from_upstream_bytes": _counter("mirror_upstream_bytes_total"),
+            "saved_bytes": _counter("mirror_saved_bytes_total"),
+            "evictions": _counter("mirror_evictions_total"),
+            "evicted_bytes": _counter("mirror_evicted_bytes_total"),
+        }
+    )
+
+
+async def pin(request: web.Request) -> web.Response:
+    """Pin an image: resolve it (fetching manifests as needed), protect all it names."""
+    main = request.app[MAIN]
+    registry, repository, reference = _image(main, await _body(request))
+    resolver = main[RESOLVER]
+    top, _ = await resolver.resolve(registry, repository, reference, frozenset())
+    if top.media_type in INDEX_TYPES:
+        for child, _ in references(top.data):
+            await resolver.resolve(registry, repository, child, frozenset())
+    closure = await main[INDEX].closure(top.digest)
+    await main[INDEX].pin(registry, repository, reference, set(closure))
+    return web.json_response(
+        {
+            "image": f"{registry}/{repository}:{reference}",
+            "digest": top.digest,
+            "pinned_digests": len(closure),
+            "bytes": sum(closure.values()),
+        }
+    )
+
+
+async def unpin(request: web.Request) -> web.Response:
+    main = request.app[MAIN]
+    registry, repository, reference = _image(main, await _body(request))
+    removed = await main[INDEX].unpin(registry, repository, reference)
+    return web.json_response(
+        {"image": f"{registry}/{repository}:{reference}", "unpinned": removed > 0}
+    )
+
+
+async def purge(request: web.Request) -> web.Response:
+    """Remove an image's content now (what other images share stays), or all unused content."""
+    main = request.app[MAIN]
+    body = await _body(request)
+    evictor = main[EVICTOR]
+    index = main[INDEX]
+    if "unused_for" in body:
+        try:
+            seconds = parse_duration(body["unused_for"], "unused_for")
+        except ConfigError as exc:
+            raise RegistryError(400, "UNSUPPORTED", str(exc)) from None
+        done = await evictor.expire(seconds)
+        return web.json_response({"removed_blobs": done.count, "removed_bytes": done.bytes})
+    registry, repository, reference = _image(main, body)
+    digest = reference
+    if ":" not in reference:
+        row = await index.get_tag(registry, repository, reference)
+        if row is None:
+            raise RegistryError.manifest_unknown(reference, "this image is not cached")
+        digest = row.digest
+        await index.delete_tag(registry, repository, reference)
+    closure = await index.closure(digest)
+    keep = await index.referenced_outside(set(closure)) | await index.pinned()
+    doomed = [
+        (d, size)
+        for d, size in closure.items()
+        if d not in keep and await index.get_blob(d) is not None
+    ]
+    done = await evictor.remove(doomed)
+    return web.json_response({"removed_blobs": done.count, "removed_bytes": done.bytes})
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except RegistryError as exc:
+        return exc.response()
+
+
+def create_admin_app(
+    main: web.Application, extra_routes: list[web.RouteDef] | None = None
+) -> web.Application:
+    admin = web.Application(middlewares=[json_errors])
+    admin[MAIN] = main
+    admin.router.add_get("/admin/stats", stats)
+    admin.router.add_post("/admin/pin", pin)
+    admin.router.add_post("/admin/unpin", unpin)
+    admin.router.add_post("/admin/purge", purge)
+    admin.router.add_routes(extra_routes or [])
+    return admin

@@ -1,0 +1,143 @@
+"""LRU eviction under a size cap, with watermarks, pins and fresh-tag protection.
+
+The cap is a promise about the disk: bytes under `blobs/` never exceed it by more than what is
+being downloaded right now. So every commit first asks `make_room` for its own size; when the
+total would pass the high watermark (95%), least recently used content is deleted until it is
+under the low watermark (90%). A pass deletes files first, then index rows: a crash in between
+leaves rows without files, which recovery drops cheaply. A client already reading an evicted
+file keeps its open descriptor and completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from mirror.access import AccessTracker
+from mirror.metrics import CACHE_BYTES, EVICTED_BYTES, EVICTIONS
+from mirror.store.blobs import BlobStore
+from mirror.store.index import Index
+
+log = logging.getLogger(__name__)
+
+HIGH_WATERMARK = 0.95
+LOW_WATERMARK = 0.90
+BATCH = 500
+PERIODIC = 60.0  # seconds between passes that enforce max_age and flush access times
+
+
+@dataclass(frozen=True, slots=True)
+class Evicted:
+    count: int
+    bytes: int
+
+
+class Evictor:
+    def __init__(
+        self,
+        index: Index,
+        store: BlobStore,
+        access: AccessTracker,
+        max_size: int,
+        tag_ttls: Mapping[str, float],
+        max_age: float | None = None,
+    ) -> None:
+        self._index = index
+        self._store = store
+        self._access = access
+        self.max_size = max_size
+        self._max_ttl = max(tag_ttls.values(), default=0.0)
+        self._max_age = max_age
+        self._lock = asyncio.Lock()
+        self.usage = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.usage, _, _ = await self._index.usage()
+        CACHE_BYTES.set(self.usage)
+        self._task = asyncio.create_task(self._periodic())
+        if self.usage > self.max_size * HIGH_WATERMARK:
+            await self.make_room(0)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._access.flush()
+
+    def added(self, size: int) -> None:
+        self.usage += size
+        CACHE_BYTES.set(self.usage)
+
+    async def make_room(self, incoming: int) -> Evicted:
+        """If `incoming` more bytes would pass the high watermark, evict to the low one first."""
+        if self.usage + incoming <= self.max_size * HIGH_WATERMARK:
+            return Evicted(0, 0)
+        async with self._lock:
+            target = int(self.max_size * LOW_WATERMARK) - incoming
+            return await self._evict(lambda usage: usage > target)
+
+    async def expire(self, unused_for: float) -> Evicted:
+        """Evict everything not used for `unused_for` seconds (pins and fresh tags excepted)."""
+        async with self._lock:
+            return await self._evict(lambda _usage: True, unused_before=time.time() - unused_for)
+
+    async def remove(self, digests: list[tuple[str, int]]) -> Evicted:
+        """Delete these blobs now (purge), whatever their age."""
+        async with self._lock:
+            return await self._delete(digests)
+
+    async def _evict(
+        self, over: Callable[[int], bool], unused_before: float | None = None
+    ) -> Evicted:
+        await self._access.flush()
+        total = Evicted(0, 0)
+        while over(self.usage):
+            fresh_since = time.time() - self._max_ttl
+            batch = await self._index.eviction_candidates(fresh_since, BATCH, unused_before)
+            if not batch:
+                if unused_before is None:
+                    log.warning(
+                        "cache is over its cap (%d of %d bytes) but everything left is pinned "
+                        "or a fresh tag", self.usage, self.max_size,
+                    )  # fmt: skip
+                break
+            chosen: list[tuple[str, int]] = []
+            projected = self.usage
+            for digest, size in batch:
+                if not over(projected):
+                    break
+                chosen.append((digest, size))
+                projected -= size
+            done = await self._delete(chosen)
+            total = Evicted(total.count + done.count, total.bytes + done.bytes)
+        if total.count:
+            log.info(
+                "evicted %d blobs, %d bytes; %d of %d bytes used",
+                total.count, total.bytes, self.usage, self.max_size,
+            )  # fmt: skip
+        return total
+
+    async def _delete(self, blobs: list[tuple[str, int]]) -> Evicted:
+        for digest, _ in blobs:
+            self._store.path(digest).unlink(missing_ok=True)
+        await self._index.forget_blobs([d for d, _ in blobs])
+        freed = sum(s for _, s in blobs)
+        self.usage -= freed
+        CACHE_BYTES.set(self.usage)
+        EVICTIONS.inc(len(blobs))
+        EVICTED_BYTES.inc(freed)
+        return Evicted(len(blobs), freed)
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(PERIODIC)
+            try:
+                await self._access.flush()
+                if self._max_age:
+                    await self.expire(self._max_age)
+            except Exception:
+                log.exception("periodic cache maintenance failed")
