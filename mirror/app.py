@@ -138,8 +138,9 @@ async def run(config: Config, access_log_format: str) -> None:
     admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
     await admin_runner.setup()
     try:
-        await web.TCPSite(runner, config.listen_host, config.listen_port).start()
+        # Admin first: once the registry port answers, everything answers.
         await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
+        await web.TCPSite(runner, config.listen_host, config.listen_port).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

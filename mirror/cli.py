@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 from mirror import __version__
 from mirror.app import run
-from mirror.config import ConfigError, load_config
+from mirror.config import Config, ConfigError, load_config
+from mirror.prefetch import human_bytes, prefetch
+from mirror.store.index import Index
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,37 +47,34 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--negative-ttl", dest="negative_ttl", help="how long an upstream 404 is remembered (30s)"
     )
+    serve.add_argument("--max-size", dest="max_size", help="cache size cap: 500MiB, 50GiB (20GiB)")
+    serve.add_argument(
+        "--max-age", dest="max_age", help="also expire content unused this long: 30d"
+    )
+    serve.add_argument(
+        "--admin-listen", dest="admin_listen", help="admin API HOST:PORT (127.0.0.1:5001)"
+    )
     serve.add_argument("--config", help="TOML configuration file (same keys)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_operator_commands(sub)
     return parser
 
 
 _CONFIG_FLAGS = (
-    "listen",
-    "data",
-    "upstream",
-    "upstream_username",
-    "upstream_password_file",
-    "tag_ttl",
-    "token_realms",
-    "negative_ttl",
-)
+    "listen", "data", "upstream", "upstream_username", "upstream_password_file", "tag_ttl",
+    "token_realms", "negative_ttl", "max_size", "max_age", "admin_listen",
+)  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The Config `mirror serve` runs with: its flags over the environment over the file."""
+    flags = {k: getattr(args, k) for k in _CONFIG_FLAGS}
+    return load_config(flags, os.environ, args.config or os.environ.get("MIRROR_CONFIG"))
 
 
 def serve(args: argparse.Namespace) -> int:
-    flags = {
-        k: getattr(args, k)
-        for k in (
-            "listen",
-            "data",
-            "upstream",
-            "upstream_username",
-            "upstream_password_file",
-            "tag_ttl",
-        )
-    }
     try:
-        config = load_config(flags, os.environ, args.config or os.environ.get("MIRROR_CONFIG"))
+        config = config_from_args(args)
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
@@ -90,8 +95,190 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_parent() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--admin", default=os.environ.get("MIRROR_ADMIN_URL", "http://127.0.0.1:5001"),
+        help="the running mirror's admin API (default http://127.0.0.1:5001)",
+    )  # fmt: skip
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    return common
+
+
+def _add_operator_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    admin = _admin_parent()
+    pre = sub.add_parser("prefetch", help="pull images into a running mirror")
+    pre.add_argument("images", nargs="*", metavar="IMAGE")
+    pre.add_argument("-f", "--file", help="read image references from a file, one a line")
+    pre.add_argument("--server", default="http://127.0.0.1:5000", help="the mirror's registry URL")
+    pre.add_argument("--platform", help="only this platform of an index, e.g. linux/arm64")
+    pre.add_argument("--json", action="store_true")
+    ls = sub.add_parser("ls", help="cached repositories and tags")
+    ls.add_argument("--data", default=os.environ.get("MIRROR_DATA", "./mirror-data"))
+    ls.add_argument("--json", action="store_true")
+    sub.add_parser("stats", parents=[admin], help="disk use, counts, hits and bandwidth saved")
+    for name, text in (("pin", "protect an image from eviction"), ("unpin", "undo pin")):
+        cmd = sub.add_parser(name, parents=[admin], help=text)
+        cmd.add_argument("image", metavar="IMAGE")
+    purge = sub.add_parser("purge", parents=[admin], help="remove cached content now")
+    purge.add_argument("image", nargs="?", metavar="IMAGE")
+    purge.add_argument("--unused-for", help="remove everything not used for this long (30d)")
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    images = list(args.images)
+    if args.file:
+        lines = Path(args.file).read_text().splitlines()
+        images += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not images:
+        print("mirror prefetch: name at least one IMAGE or -f FILE", file=sys.stderr)
+        return 2
+    results = asyncio.run(prefetch(args.server, images, args.platform))
+    if args.json:
+        _print_json([r.__dict__ for r in results])
+    else:
+        for r in results:
+            if r.error:
+                print(f"{r.image}: FAILED: {r.error}")
+            else:
+                print(
+                    f"{r.image}: {r.blobs} blobs, {human_bytes(r.total_bytes)} "
+                    f"(fetched {human_bytes(r.fetched_bytes)}, "
+                    f"already cached {human_bytes(r.cached_bytes)})"
+                )
+        fetched = sum(r.fetched_bytes for r in results)
+        cached = sum(r.cached_bytes for r in results)
+        print(f"total: fetched {human_bytes(fetched)}, already cached {human_bytes(cached)}")
+    return 1 if any(r.error for r in results) else 0
+
+
+async def _listing(data: Path) -> list[dict[str, object]]:
+    index = await Index.open(data / "index.db")
+    try:
+        images = await index.images()
+        for image in images:
+            closure = await index.closure(str(image["digest"]))
+            image["size"] = sum(closure.values())
+        return images
+    finally:
+        await index.close()
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    if not (data / "index.db").exists():
+        print(f"mirror ls: no cache at {data} (use --data)", file=sys.stderr)
+        return 2
+    images = asyncio.run(_listing(data))
+    if args.json:
+        _print_json(images)
+        return 0
+    rows = [
+        [
+            f"{i['registry']}/{i['repository']}:{i['tag']}",
+            str(i["digest"])[:19],
+            human_bytes(float(str(i["size"]))),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(float(str(i["last_access"])))),
+            "yes" if i["pinned"] else "",
+        ]
+        for i in images
+    ]
+    _table(rows, ["IMAGE", "DIGEST", "SIZE", "LAST USED", "PINNED"])
+    return 0
+
+
+def _admin_call(
+    args: argparse.Namespace, path: str, body: dict[str, object] | None
+) -> dict[str, Any]:
+    async def call() -> tuple[int, dict[str, Any]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+            method = session.post if body is not None else session.get
+            async with method(f"{args.admin.rstrip('/')}{path}", json=body) as resp:
+                return resp.status, await resp.json(content_type=None)
+
+    try:
+        status, answer = asyncio.run(call())
+    except aiohttp.ClientError as exc:
+        raise SystemExit(f"mirror: cannot reach the admin API at {args.admin}: {exc}") from exc
+    if status >= 400:
+        error = answer.get("errors", [{}])[0]
+        raise SystemExit(f"mirror: {error.get('code', status)}: {error.get('message', '')}")
+    return answer
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    s = _admin_call(args, "/admin/stats", None)
+    if args.json:
+        _print_json(s)
+        return 0
+    pct = 100 * s["disk_bytes"] / s["max_bytes"] if s["max_bytes"] else 0
+    req = s["requests"]
+    served = s["served_from_cache_bytes"] + s["served_from_upstream_bytes"]
+    rows = [
+        ["disk", f"{human_bytes(s['disk_bytes'])} of {human_bytes(s['max_bytes'])} ({pct:.1f}%)"],
+        ["blobs", str(s["blobs"])],
+        ["manifests", str(s["manifests"])],
+        ["requests", ", ".join(f"{k} {int(v)}" for k, v in req.items())],
+        ["served from cache", human_bytes(s["served_from_cache_bytes"])],
+        ["served from upstream", human_bytes(s["served_from_upstream_bytes"])],
+        ["fetched from upstream", human_bytes(s["fetched_from_upstream_bytes"])],
+        ["bandwidth saved", f"{human_bytes(s['saved_bytes'])}"
+         + (f" ({100 * s['saved_bytes'] / served:.1f}% of blob bytes served)" if served else "")],
+        ["evicted", f"{int(s['evictions'])} blobs, {human_bytes(s['evicted_bytes'])}"],
+    ]  # fmt: skip
+    _table(rows, ["SINCE START", ""])
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace, unpin: bool = False) -> int:
+    answer = _admin_call(args, "/admin/unpin" if unpin else "/admin/pin", {"image": args.image})
+    if args.json:
+        _print_json(answer)
+    elif unpin:
+        print(f"{answer['image']}: {'unpinned' if answer['unpinned'] else 'was not pinned'}")
+    else:
+        print(
+            f"{answer['image']}: pinned {answer['pinned_digests']} digests "
+            f"({human_bytes(answer['bytes'])})"
+        )
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    if bool(args.image) == bool(args.unused_for):
+        print("mirror purge: name an IMAGE or --unused-for DURATION", file=sys.stderr)
+        return 2
+    body: dict[str, object] = (
+        {"image": args.image} if args.image else {"unused_for": args.unused_for}
+    )
+    answer = _admin_call(args, "/admin/purge", body)
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"removed {answer['removed_blobs']} blobs, {human_bytes(answer['removed_bytes'])}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    return 2
+    parser = _parser()
+    args = parser.parse_args(argv)
+    commands = {
+        "serve": serve,
+        "prefetch": cmd_prefetch,
+        "ls": cmd_ls,
+        "stats": cmd_stats,
+        "pin": cmd_pin,
+        "unpin": lambda a: cmd_pin(a, unpin=True),
+        "purge": cmd_purge,
+    }
+    return int(commands[args.command](args))

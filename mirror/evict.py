@@ -60,7 +60,9 @@ class Evictor:
         CACHE_BYTES.set(self.usage)
         self._task = asyncio.create_task(self._periodic())
         if self.usage > self.max_size * HIGH_WATERMARK:
-            await self.make_room(0)
+            async with self._lock:
+                target = int(self.max_size * LOW_WATERMARK)
+                await self._evict(lambda usage: usage > target)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -68,17 +70,25 @@ class Evictor:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._access.flush()
 
-    def added(self, size: int) -> None:
-        self.usage += size
+    def release(self, size: int) -> None:
+        """Give back a reservation whose bytes did not land (failed commit, already indexed)."""
+        self.usage -= size
         CACHE_BYTES.set(self.usage)
 
     async def make_room(self, incoming: int) -> Evicted:
-        """If `incoming` more bytes would pass the high watermark, evict to the low one first."""
-        if self.usage + incoming <= self.max_size * HIGH_WATERMARK:
-            return Evicted(0, 0)
+        """Reserve `incoming` bytes; evict to the low watermark first if they would pass the high.
+
+        The reservation is taken under the lock, so concurrent commits cannot all see the same
+        free space: the cap holds whatever the number of downloads finishing at once.
+        """
         async with self._lock:
-            target = int(self.max_size * LOW_WATERMARK) - incoming
-            return await self._evict(lambda usage: usage > target)
+            evicted = Evicted(0, 0)
+            if self.usage + incoming > self.max_size * HIGH_WATERMARK:
+                target = int(self.max_size * LOW_WATERMARK) - incoming
+                evicted = await self._evict(lambda usage: usage > target)
+            self.usage += incoming
+            CACHE_BYTES.set(self.usage)
+            return evicted
 
     async def expire(self, unused_for: float) -> Evicted:
         """Evict everything not used for `unused_for` seconds (pins and fresh tags excepted)."""

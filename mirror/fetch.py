@@ -196,14 +196,18 @@ class BlobFetcher:
         try:
             media_type = await self._download(fetch, writer, client, repository)
             await self._evictor.make_room(writer.received)
-            final_path = await writer.commit()
+            try:
+                final_path = await writer.commit()
+            except BaseException:
+                self._evictor.release(writer.received)
+                raise
             # Index before the fetch leaves the table: a request arriving in between still
             # finds the fetch, one arriving after finds the row; never neither.
             fetch.succeeded(final_path)
             try:
                 await writer.sync_directory()
-                if await self._index.add_blob(fetch.digest, fetch.received, media_type):
-                    self._evictor.added(fetch.received)
+                if not await self._index.add_blob(fetch.digest, fetch.received, media_type):
+                    self._evictor.release(fetch.received)  # its bytes were counted already
             except Exception:
                 # The verified file is in place and being served; a missing row is what
                 # start-up reconciliation repairs. Readers must not be failed for it.

@@ -214,12 +214,21 @@ class ManifestResolver:
                 f"upstream manifest does not match its digest {expected}"
             )
         media_type = content_type_of(data, header_type)
-        await self._evictor.make_room(len(data))
-        await self._store.put(digest, data)
-        if await self._index.add_manifest(
+        # Reserve room only for bytes that are not on disk yet (the same manifest may already
+        # be cached through another repository).
+        reserved = 0 if await self._index.get_blob(digest) is not None else len(data)
+        if reserved:
+            await self._evictor.make_room(reserved)
+        try:
+            await self._store.put(digest, data)
+        except BaseException:
+            self._evictor.release(reserved)
+            raise
+        new = await self._index.add_manifest(
             registry, repository, digest, media_type, len(data), references(data)
-        ):
-            self._evictor.added(len(data))
+        )
+        if reserved and not new:
+            self._evictor.release(reserved)
         return Manifest(digest, media_type, data)
 
 

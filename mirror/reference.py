@@ -139,11 +139,12 @@ def parse_v2_path(path: str, ns: str | None, registries: frozenset[str]) -> Rout
 _HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 
 
-def parse_image(image: str, registries: frozenset[str]) -> tuple[str, str, str]:
+def parse_image(image: str, registries: frozenset[str] | None) -> tuple[str, str, str]:
     """`alpine`, `alpine:3.19`, `ghcr.io/o/i:v1`, `name@sha256:...` -> (registry, repository, ref).
 
     Docker's reference rules: a host-like first component names the registry, the tag
     defaults to `latest`, and a one-component Docker Hub name lives under `library/`.
+    `registries` None: any registry (a client that does not know the server's configuration).
     """
     name, at, digest = image.strip().partition("@")
     reference = validate_digest(digest) if at else ""
@@ -156,6 +157,6 @@ def parse_image(image: str, registries: frozenset[str]) -> tuple[str, str, str]:
     first, _, rest = name.partition("/")
     if rest and looks_like_registry_host(first):
         registry, name = ("docker.io" if first in _HUB_ALIASES else first), rest
-    if registry not in registries:
+    if registries is not None and registry not in registries:
         raise RegistryError.registry_unknown(registry)
     return registry, normalize_repository(registry, validate_name(name)), reference

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from mirror.admin import create_admin_app
 from mirror.app import create_app
 from mirror.config import Config, RegistryConfig
 from mirror.reference import DOCKER_HUB
@@ -33,6 +34,7 @@ def mirror_config(
     password: str | None = None,
     token_realms: tuple[str, ...] = (),
     negative_ttl: float = 30.0,
+    max_size: int = 20 * 1024**3,
 ) -> Config:
     hub = RegistryConfig(DOCKER_HUB, upstream, username, password, tag_ttl, token_realms)
     return Config(
@@ -41,6 +43,7 @@ def mirror_config(
         data_dir=data,
         registries={DOCKER_HUB: hub},
         negative_ttl=negative_ttl,
+        max_size=max_size,
     )
 
 
@@ -61,3 +64,13 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         auto_decompress=False, timeout=aiohttp.ClientTimeout(total=120)
     ) as session:
         yield session
+
+
+@pytest.fixture
+def start_admin(aiohttp_server):  # type: ignore[no-untyped-def]
+    """The admin API of an in-process mirror, on its own loopback port."""
+
+    async def start(mirror: TestServer) -> TestServer:
+        return await aiohttp_server(create_admin_app(mirror.app), host="127.0.0.1")  # type: ignore[no-any-return]
+
+    return start

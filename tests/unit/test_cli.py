@@ -1,0 +1,25 @@
+"""Every `mirror serve` flag reaches the Config (a flag parsed and then dropped is a silent lie)."""
+
+from mirror.cli import _CONFIG_FLAGS, _parser, config_from_args
+
+
+def test_every_serve_flag_reaches_the_config(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("pw")
+    args = _parser().parse_args(
+        ["serve", "--listen", "127.0.0.1:7000", "--data", "/d", "--upstream", "http://u:1",
+         "--upstream-username", "me", "--upstream-password-file", str(secret), "--tag-ttl", "1m",
+         "--token-realm", "auth.example", "--negative-ttl", "5s", "--max-size", "1GiB",
+         "--max-age", "7d", "--admin-listen", "127.0.0.1:7001"]
+    )  # fmt: skip
+    serve_dests = {
+        a.dest
+        for a in _parser()._subparsers._group_actions[0].choices["serve"]._actions  # type: ignore[union-attr]
+    } - {"help", "config", "log_level"}
+    assert serve_dests == set(_CONFIG_FLAGS)
+    config = config_from_args(args)
+    hub = config.registries["docker.io"]
+    assert (config.listen_port, config.admin_port, config.max_size) == (7000, 7001, 1 << 30)
+    assert (config.max_age, config.negative_ttl, hub.tag_ttl) == (7 * 86400, 5, 60)
+    assert hub.credentials == ("me", "pw") and hub.token_realms == ("auth.example",)
+    assert hub.url == "http://u:1" and str(config.data_dir) == "/d"
