@@ -72,11 +72,15 @@ class Index:
     @classmethod
     async def open(cls, path: Path) -> Index:
         conn = await aiosqlite.connect(path)
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=NORMAL")
-        await conn.executescript(_SCHEMA)
-        await conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        await conn.commit()
+        try:
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA synchronous=NORMAL")
+            await conn.executescript(_SCHEMA)
+            await conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            await conn.commit()
+        except BaseException:
+            await conn.close()  # its worker thread would otherwise keep the process alive
+            raise
         return cls(conn)
 
     async def close(self) -> None:
