@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from mirror import __version__
 from mirror.access import AccessTracker
 from mirror.admin import create_admin_app
 from mirror.config import Config
@@ -18,9 +19,11 @@ from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
 from mirror.handlers import add_cache_header, v2_dispatch, v2_root
 from mirror.keys import ACCESS, CONFIG, EVICTOR, FETCHER, INDEX, RESOLVER, STORE, UPSTREAMS
+from mirror.logs import AccessLogger
 from mirror.manifests import ManifestResolver
-from mirror.metrics import CACHE_MAX_BYTES, REQUEST_DURATION, REQUESTS
+from mirror.metrics import BUILD_INFO, CACHE_MAX_BYTES, REQUEST_DURATION, REQUESTS
 from mirror.missing import MissingCache
+from mirror.probes import add_probe_routes, add_readiness, healthz, metrics
 from mirror.recovery import recover
 from mirror.store.blobs import BlobStore
 from mirror.upstream.auth import TokenCache
@@ -113,6 +116,8 @@ async def create_app(config: Config) -> web.Application:
     app[EVICTOR] = evictor
     app[ACCESS] = access
     app.on_response_prepare.append(add_cache_header)
+    add_probe_routes(app)
+    add_readiness(app)
     app.router.add_route("*", "/v2/", v2_root)
     app.router.add_route("*", "/v2", v2_root)
     app.router.add_route("*", "/v2/{path:.+}", v2_dispatch)
@@ -130,12 +135,14 @@ async def create_app(config: Config) -> web.Application:
     return app
 
 
-async def run(config: Config, access_log_format: str) -> None:
+async def run(config: Config) -> None:
     """Serve the registry API and the admin API until SIGTERM or SIGINT."""
     app = await create_app(config)
-    runner = web.AppRunner(app, access_log_format=access_log_format, shutdown_timeout=30)
+    BUILD_INFO.labels(__version__).set(1)
+    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=30)
     await runner.setup()
-    admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
+    admin_app = create_admin_app(app, [web.get("/metrics", metrics), web.get("/healthz", healthz)])
+    admin_runner = web.AppRunner(admin_app, access_log=None)
     await admin_runner.setup()
     try:
         # Admin first: once the registry port answers, everything answers.

@@ -18,6 +18,7 @@ import aiohttp
 from mirror import __version__
 from mirror.app import run
 from mirror.config import Config, ConfigError, load_config
+from mirror.logs import setup_logging
 from mirror.prefetch import human_bytes, prefetch
 from mirror.store.index import Index
 
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", help="TOML configuration file (same keys)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-format",
+        default=os.environ.get("MIRROR_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="log lines for people (text) or log collectors (json)",
+    )
     _add_operator_commands(sub)
     return parser
 
@@ -78,9 +85,7 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    setup_logging(args.log_level, args.log_format)
     hub = next(iter(config.registries.values()))
     logging.getLogger("mirror").info(
         "mirror %s listening on %s:%d, data in %s, upstream %s (%s)",
@@ -91,7 +96,7 @@ def serve(args: argparse.Namespace) -> int:
         hub.url,
         "with credentials" if hub.credentials else "anonymous",
     )
-    asyncio.run(run(config, access_log_format='%a "%r" %s %b %Tfs'))
+    asyncio.run(run(config))
     return 0
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mirror.access import AccessTracker
-from mirror.metrics import CACHE_BYTES, EVICTED_BYTES, EVICTIONS
+from mirror.metrics import CACHE_BLOBS, CACHE_BYTES, CACHE_MANIFESTS, EVICTED_BYTES, EVICTIONS
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 HIGH_WATERMARK = 0.95
 LOW_WATERMARK = 0.90
 BATCH = 500
-PERIODIC = 60.0  # seconds between passes that enforce max_age and flush access times
+PERIODIC = 10.0  # seconds between flushes of access times, count refreshes and max_age passes
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,7 @@ class Evictor:
     async def start(self) -> None:
         self.usage, _, _ = await self._index.usage()
         CACHE_BYTES.set(self.usage)
+        await self.refresh_counts()
         self._task = asyncio.create_task(self._periodic())
         if self.usage > self.max_size * HIGH_WATERMARK:
             async with self._lock:
@@ -142,11 +143,17 @@ class Evictor:
         EVICTED_BYTES.inc(freed)
         return Evicted(len(blobs), freed)
 
+    async def refresh_counts(self) -> None:
+        _, blobs, manifests = await self._index.usage()
+        CACHE_BLOBS.set(blobs)
+        CACHE_MANIFESTS.set(manifests)
+
     async def _periodic(self) -> None:
         while True:
             await asyncio.sleep(PERIODIC)
             try:
                 await self._access.flush()
+                await self.refresh_counts()
                 if self._max_age:
                     await self.expire(self._max_age)
             except Exception:

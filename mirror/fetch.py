@@ -25,6 +25,13 @@ import aiohttp
 
 from mirror.errors import RegistryError
 from mirror.evict import Evictor
+from mirror.metrics import (
+    COALESCED,
+    DIGEST_MISMATCHES,
+    INFLIGHT_FETCHES,
+    UPSTREAM_BYTES,
+    UPSTREAM_RESUMES,
+)
 from mirror.missing import MissingCache
 from mirror.store.blobs import BlobStore, BlobWriter, DigestMismatch
 from mirror.store.index import Index
@@ -176,10 +183,12 @@ class BlobFetcher:
         """
         fetch = self._inflight.get(digest)
         if fetch is not None:
+            COALESCED.inc()
             return fetch, True
         writer = self._store.writer(digest)
         fetch = InflightFetch(digest, writer)
         self._inflight[digest] = fetch
+        INFLIGHT_FETCHES.inc()
         task = asyncio.create_task(self._run(fetch, writer, self._clients[registry], repository))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -217,6 +226,7 @@ class BlobFetcher:
             fetch.failed(RegistryError.unavailable("mirror shutting down"))
             raise
         except DigestMismatch as exc:
+            DIGEST_MISMATCHES.inc()
             log.error("blob %s from %s: %s; discarded", fetch.digest, client.registry.name, exc)
             writer.discard()
             fetch.failed(exc)
@@ -229,6 +239,7 @@ class BlobFetcher:
             fetch.failed(exc)
         finally:
             self._inflight.pop(fetch.digest, None)
+            INFLIGHT_FETCHES.dec()
 
     async def _download(
         self, fetch: InflightFetch, writer: BlobWriter, client: RegistryClient, repository: str
@@ -262,6 +273,7 @@ class BlobFetcher:
                             if not chunk:
                                 continue
                         writer.write(chunk)
+                        UPSTREAM_BYTES.inc(len(chunk))
                         if fetch.size is not None and writer.received > fetch.size:
                             raise DigestMismatch(fetch.digest, "more bytes than announced")
                         fetch.advanced(writer.received)
@@ -270,6 +282,7 @@ class BlobFetcher:
                 raise ConnectionError("upstream body ended early")
             except (*TRANSIENT_ERRORS, ConnectionError) as exc:
                 failures += 1
+                UPSTREAM_RESUMES.inc()
                 if failures > MAX_RESUMES:
                     raise RegistryError.unavailable("upstream blob transfer kept failing") from exc
                 log.info(

@@ -26,6 +26,7 @@ from mirror.mediatypes import (
     references,
     upstream_accept,
 )
+from mirror.metrics import COALESCED, DIGEST_MISMATCHES, UPSTREAM_BYTES
 from mirror.missing import MissingCache
 from mirror.reference import Route
 from mirror.singleflight import SingleFlight
@@ -118,11 +119,15 @@ class ManifestResolver:
         try:
             if ":" in reference:
                 manifest, shared = await self._by_digest(registry, repository, reference, accept)
+                if shared:
+                    COALESCED.inc()
                 return manifest, "coalesced" if shared else "miss"
             (manifest, result), shared = await self._tags.do(
                 (registry, repository, reference),
                 lambda: self._refresh_tag(registry, repository, reference, row, accept),
             )
+            if shared:
+                COALESCED.inc()
             return manifest, "coalesced" if shared else result
         except RegistryError as exc:
             self._missing.remember(registry, repository, reference, exc)
@@ -210,6 +215,7 @@ class ManifestResolver:
         digest = digest_of(data, reference.split(":", 1)[0] if by_digest else "sha256")
         expected = reference if by_digest else header_digest
         if expected and expected.startswith(digest.split(":", 1)[0] + ":") and expected != digest:
+            DIGEST_MISMATCHES.inc()
             raise RegistryError.manifest_invalid(
                 f"upstream manifest does not match its digest {expected}"
             )
@@ -240,4 +246,5 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
         if total > cap:
             raise RegistryError.manifest_invalid("upstream manifest exceeds 4 MiB")
         chunks.append(chunk)
+        UPSTREAM_BYTES.inc(len(chunk))
     return b"".join(chunks)

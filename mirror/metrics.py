@@ -47,3 +47,48 @@ SAVED_BYTES = Counter(
 UPSTREAM_BYTES = Counter(
     "mirror_upstream_bytes_total", "Bytes received from upstream, resumed ranges included"
 )
+
+UPSTREAM_REQUESTS = Counter(
+    "mirror_upstream_requests_total",
+    "Requests to upstream registries (final status after redirects; 'error' for no answer)",
+    ["registry", "kind", "method", "status"],
+)
+UPSTREAM_DURATION = Histogram(
+    "mirror_upstream_request_duration_seconds",
+    "Time until an upstream registry answered (response headers)",
+    ["registry", "kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RATELIMIT_REMAINING = Gauge(
+    "mirror_upstream_ratelimit_remaining",
+    "Pulls left, from the upstream's ratelimit-remaining",
+    ["registry"],
+)
+RATELIMIT_LIMIT = Gauge(
+    "mirror_upstream_ratelimit_limit",
+    "Pull limit, from the upstream's ratelimit-limit",
+    ["registry"],
+)
+TOKEN_REQUESTS = Counter(
+    "mirror_token_requests_total", "Requests to upstream token services", ["registry", "result"]
+)
+INFLIGHT_FETCHES = Gauge("mirror_inflight_fetches", "Blob downloads from upstream in progress")
+COALESCED = Counter(
+    "mirror_coalesced_requests_total",
+    "Requests that joined a download or manifest fetch another request had started",
+)
+CACHE_BLOBS = Gauge("mirror_cache_blobs", "Cached blobs (layers, configs and manifests)")
+CACHE_MANIFESTS = Gauge("mirror_cache_manifests", "Cached manifests")
+DIGEST_MISMATCHES = Counter(
+    "mirror_digest_mismatches_total", "Upstream content that failed digest verification (discarded)"
+)
+UPSTREAM_RESUMES = Counter(
+    "mirror_upstream_resumes_total", "Blob downloads resumed with Range after an interruption"
+)
+BUILD_INFO = Gauge("mirror_build_info", "Always 1; the version as a label", ["version"])
+
+
+def upstream_kind(suffix: str) -> str:
+    """`manifests/...` -> manifest, `blobs/...` -> blob, `tags/list` -> tags; bounded values."""
+    head = suffix.split("/", 1)[0]
+    return {"manifests": "manifest", "blobs": "blob", "tags": "tags"}.get(head, "other")

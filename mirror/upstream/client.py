@@ -23,7 +23,15 @@ import aiohttp
 
 from mirror.config import RegistryConfig
 from mirror.errors import RegistryError
-from mirror.metrics import CREDENTIALS_WITHHELD
+from mirror.metrics import (
+    CREDENTIALS_WITHHELD,
+    RATELIMIT_LIMIT,
+    RATELIMIT_REMAINING,
+    TOKEN_REQUESTS,
+    UPSTREAM_DURATION,
+    UPSTREAM_REQUESTS,
+    upstream_kind,
+)
 from mirror.singleflight import SingleFlight
 from mirror.upstream.auth import (
     Challenge,
@@ -179,11 +187,15 @@ class RegistryClient:
         attempt = 0
         if not self._pinged:
             await self._ping_flight.do(None, self._ping)
+        kind = upstream_kind(suffix)
+        name = self.registry.name
         while True:
             auth = await self._authorization(scopes) if self._challenge else None
+            started = time.monotonic()
             try:
                 resp = await self._send(method, url, dict(headers or {}), params, auth)
             except TRANSIENT_ERRORS as exc:
+                UPSTREAM_REQUESTS.labels(name, kind, method, "error").inc()
                 if attempt < len(RETRY_DELAYS):
                     await asyncio.sleep(RETRY_DELAYS[attempt])
                     attempt += 1
@@ -191,6 +203,8 @@ class RegistryClient:
                 raise RegistryError.unavailable(
                     f"upstream unreachable: {type(exc).__name__}"
                 ) from exc
+            UPSTREAM_DURATION.labels(name, kind).observe(time.monotonic() - started)
+            UPSTREAM_REQUESTS.labels(name, kind, method, str(resp.status)).inc()
             self._note_ratelimit(resp)
             if resp.status == 401 and not retried_auth:
                 challenge = usable_challenge(resp)
@@ -241,6 +255,9 @@ class RegistryClient:
         if limit is not None:
             self.ratelimit.limit = limit
             self.ratelimit.remaining = parse_ratelimit(resp.headers.get("ratelimit-remaining"))
+            RATELIMIT_LIMIT.labels(self.registry.name).set(limit)
+            if self.ratelimit.remaining is not None:
+                RATELIMIT_REMAINING.labels(self.registry.name).set(self.ratelimit.remaining)
 
     def _credentials_allowed(self, challenge: Challenge) -> bool:
         if self.registry.credentials is None:
@@ -287,6 +304,8 @@ class RegistryClient:
             async with self._session.get(
                 realm, params=params, headers=headers, timeout=TOKEN_TIMEOUT, allow_redirects=False
             ) as resp:
+                if resp.status != 200:
+                    TOKEN_REQUESTS.labels(self.registry.name, f"{resp.status // 100}xx").inc()
                 if resp.status in (401, 403):
                     raise RegistryError.unauthorized(
                         "upstream token service refused the credentials"
@@ -299,6 +318,7 @@ class RegistryClient:
                     )
                 body = await resp.json(content_type=None)
         except TRANSIENT_ERRORS as exc:
+            TOKEN_REQUESTS.labels(self.registry.name, "error").inc()
             raise RegistryError.unavailable("upstream token service unreachable") from exc
         except ValueError as exc:
             raise RegistryError.unavailable("upstream token service sent no JSON") from exc
@@ -306,5 +326,6 @@ class RegistryClient:
             token = token_from_response(body, time.monotonic())
         except ValueError as exc:
             raise RegistryError.unavailable(f"upstream token service: {exc}") from exc
+        TOKEN_REQUESTS.labels(self.registry.name, "ok").inc()
         self._tokens.put(key, token)
         return token

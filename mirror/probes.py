@@ -1,0 +1,64 @@
+"""Operational endpoints outside `/v2/`: `/healthz`, `/readyz`, `/metrics`.
+
+`/healthz` says the process answers; `/readyz` says it should get traffic: the index answers,
+the data directory takes writes, and no shutdown has begun (so a load balancer drains it first).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mirror.keys import CONFIG, INDEX
+
+
+@dataclass
+class Lifecycle:
+    shutting_down: bool = False
+
+
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    problems: list[str] = []
+    if app[LIFECYCLE].shutting_down:
+        problems.append("shutting down")
+    tmp = app[CONFIG].data_dir / "tmp"
+    if not os.access(tmp, os.W_OK):
+        problems.append(f"data directory not writable: {tmp}")
+    try:
+        await app[INDEX].ping()
+    except Exception as exc:
+        problems.append(f"index unavailable: {type(exc).__name__}")
+    if problems:
+        return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n")
+    return web.Response(text="ready\n")
+
+
+async def metrics(_request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_probe_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+
+
+async def _mark_shutting_down(app: web.Application) -> None:
+    app[LIFECYCLE].shutting_down = True
+
+
+def add_readiness(app: web.Application) -> None:
+    """`/readyz` needs the main app's objects; the admin app proxies to it."""
+    app[LIFECYCLE] = Lifecycle()
+    app.on_shutdown.append(_mark_shutting_down)
+    app.router.add_get("/readyz", readyz)

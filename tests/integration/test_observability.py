@@ -1,0 +1,191 @@
+"""Metrics, health and the Grafana dashboard, checked against a real Prometheus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures.fakehub import FakeHub
+from tests.fixtures.images import make_image, random_bytes, small_image
+from tests.fixtures.procs import mirror_process, need, prometheus, run
+from tests.integration.test_pull_path import ALL_TYPES, get, mirror_url, pull
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+
+async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(metrics: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_saved_bytes_equal_the_warm_pull_and_upstream_bytes_the_cold_one(
+    hub: FakeHub, tmp_path
+):
+    image = make_image([{"a.bin": random_bytes(3 * MiB, 1)}, {"b": b"b" * 1000}])
+    hub.add("team/obs", "v1", image)
+    async with (
+        mirror_process(tmp_path / "data", hub.registry_url) as mirror,
+        aiohttp.ClientSession() as http,
+    ):
+        await pull(http, mirror.url, "team/obs", "v1")
+        cold = await scrape(mirror.url)
+        await pull(http, mirror.url, "team/obs", "v1")
+        warm = await scrape(mirror.admin)  # the admin listener serves the same metrics
+    assert sample(cold, "mirror_served_bytes_total", source="upstream") == image.blob_bytes
+    assert sample(warm, "mirror_served_bytes_total", source="upstream") == image.blob_bytes
+    assert sample(warm, "mirror_saved_bytes_total") == image.blob_bytes
+    assert sample(warm, "mirror_served_bytes_total", source="cache") == image.blob_bytes
+    assert sample(warm, "mirror_upstream_bytes_total") >= image.blob_bytes
+    assert (
+        sample(warm, "mirror_upstream_ratelimit_remaining", registry="docker.io")
+        == hub.ratelimit_remaining
+    )
+    assert sample(warm, "mirror_upstream_ratelimit_limit", registry="docker.io") == 100
+    assert sample(warm, "mirror_requests_total", kind="blob", method="GET", result="hit") == len(
+        image.blobs
+    )
+    assert sample(warm, "mirror_requests_total", kind="blob", method="GET", result="miss") == len(
+        image.blobs
+    )
+    assert sample(warm, "mirror_token_requests_total", registry="docker.io", result="ok") == 1
+    assert sample(warm, "mirror_build_info", version="0.1.0") == 1
+    for name in (
+        "mirror_request_duration_seconds_count",
+        "mirror_upstream_request_duration_seconds_count",
+    ):
+        assert any(key[0] == name and value > 0 for key, value in warm.items()), name
+
+
+def delta(name: str, before: dict[tuple[str, ...], float], **labels: str) -> float:
+    key = (name, *sorted(labels.items()))
+    now = REGISTRY.get_sample_value(name, labels) or 0.0
+    return now - before.get(key, 0.0)  # type: ignore[arg-type]
+
+
+def snapshot(name: str, **labels: str) -> dict[tuple[str, ...], float]:
+    return {(name, *sorted(labels.items())): REGISTRY.get_sample_value(name, labels) or 0.0}  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("path", ["hit", "miss", "coalesced", "stale"])
+async def test_request_counters_follow_the_cache_path(hub: FakeHub, start_mirror, http, path):
+    hub.add("library/alpine", "3.19", small_image(f"counters-{path}"))
+    base = mirror_url(await start_mirror(hub.registry_url, tag_ttl=0 if path == "stale" else 300))
+    url = f"{base}/v2/library/alpine/manifests/3.19"
+    labels = {"kind": "manifest", "method": "GET", "result": path}
+    if path in ("hit", "stale"):
+        await get(http, url, Accept=ALL_TYPES)
+    if path == "stale":
+        hub.down = True
+    before = snapshot("mirror_requests_total", **labels)
+    coalesced_before = REGISTRY.get_sample_value("mirror_coalesced_requests_total") or 0.0
+    clients = 5 if path == "coalesced" else 1
+    hub.slow = 0
+    results = await asyncio.gather(*(get(http, url, Accept=ALL_TYPES) for _ in range(clients)))
+    assert {r[0] for r in results} == {200}
+    assert {r[1]["X-Mirror-Cache"] for r in results} >= {path}
+    assert delta("mirror_requests_total", before, **labels) == (4 if path == "coalesced" else 1)
+    if path == "coalesced":
+        assert (
+            REGISTRY.get_sample_value("mirror_coalesced_requests_total") or 0
+        ) - coalesced_before == 4
+
+
+async def test_health_and_readiness(hub: FakeHub, start_mirror, http, tmp_path):
+    base = mirror_url(await start_mirror(hub.registry_url))
+    assert (await get(http, f"{base}/healthz"))[0] == 200
+    assert (await get(http, f"{base}/readyz"))[0] == 200
+    (tmp_path / "mirror-data" / "tmp").rmdir()
+    status, _, body = await get(http, f"{base}/readyz")
+    assert status == 503 and b"not writable" in body
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads((ROOT / "grafana" / "mirror.json").read_text())
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+
+
+def test_dashboard_is_importable_shape():
+    dashboard = json.loads((ROOT / "grafana" / "mirror.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["instance"]["type"] == "query"
+    for panel in dashboard["panels"]:
+        assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+        assert panel["datasource"]["uid"] == "${datasource}"
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for needed in (
+        "saved",
+        "hit ratio",
+        "by result",
+        "upstream traffic",
+        "upstream latency",
+        "rate limit",
+        "size vs cap",
+        "evictions",
+        "coalesced",
+        "digest mismatches",
+    ):
+        assert needed in titles, needed
+
+
+async def scrapes(http: aiohttp.ClientSession, prom: str, count: int, timeout: float = 60) -> None:
+    """Wait until Prometheus has scraped the mirror `count` times (its first scrape comes late)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        params = {"query": 'count_over_time(up{job="mirror"}[5m])'}
+        async with http.get(f"{prom}/api/v1/query", params=params) as resp:
+            result = (await resp.json())["data"]["result"]
+        if result and float(result[0]["value"][1]) >= count:
+            return
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"Prometheus did not scrape {count} times in {timeout}s")
+
+
+async def test_every_dashboard_query_returns_data_from_a_real_prometheus(hub: FakeHub, tmp_path):
+    need("prometheus")
+    hub.add("library/alpine", "3.19", small_image("prom"))
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--max-size", "1GiB") as mirror:
+        target = mirror.url.removeprefix("http://")
+        async with prometheus(tmp_path / "prom", [target]) as prom, aiohttp.ClientSession() as http:
+            await scrapes(http, prom.url, 2)
+            await pull(http, mirror.url, "library/alpine", "3.19")
+            await pull(http, mirror.url, "library/alpine", "3.19")
+            await get(http, f"{mirror.url}/v2/library/alpine/manifests/missing", Accept=ALL_TYPES)
+            await scrapes(http, prom.url, 5)  # several scrapes after the traffic
+            empty: list[str] = []
+            for title, expr in dashboard_queries():
+                query = (
+                    expr.replace("$__rate_interval", "1m").replace("$__range", "1h")
+                    .replace('instance=~"$instance"', 'instance=~".*"')
+                )  # fmt: skip
+                assert "$" not in re.sub(r"\{\{.*?\}\}", "", query), query
+                async with http.get(f"{prom.url}/api/v1/query", params={"query": query}) as resp:
+                    answer = await resp.json()
+                assert answer["status"] == "success", (title, answer)
+                if not answer["data"]["result"]:
+                    empty.append(f"{title}: {query}")
+            assert empty == [], "dashboard queries without data:\n" + "\n".join(empty)
+
+
+async def test_alert_rules_pass_promtool():
+    need("promtool")
+    out = await run("promtool", "check", "rules", str(ROOT / "grafana" / "alerts.yml"))
+    assert "SUCCESS" in out
