@@ -86,16 +86,15 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level, args.log_format)
-    hub = next(iter(config.registries.values()))
-    logging.getLogger("mirror").info(
-        "mirror %s listening on %s:%d, data in %s, upstream %s (%s)",
-        __version__,
-        config.listen_host,
-        config.listen_port,
-        config.data_dir,
-        hub.url,
-        "with credentials" if hub.credentials else "anonymous",
+    registries = ", ".join(
+        f"{r.name} -> {r.url}{' (with credentials)' if r.credentials else ''}"
+        for r in config.registries.values()
     )
+    logging.getLogger("mirror").info(
+        "mirror %s listening on %s:%d (admin %s:%d), data in %s; registries: %s",
+        __version__, config.listen_host, config.listen_port, config.admin_host,
+        config.admin_port, config.data_dir, registries,
+    )  # fmt: skip
     asyncio.run(run(config))
     return 0
 

@@ -164,6 +164,10 @@ def parse_hosts(
     return tuple(hosts)
 
 
+_REGISTRY_KEYS = {"url", "username", "password_file", "password_env", "tag_ttl", "token_realms"}
+_REGISTRY_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]+)?$")
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
@@ -172,10 +176,37 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path} is not valid TOML: {exc}") from exc
-    unknown = set(data) - {toml_key for _env, toml_key in _SOURCES.values()}
+    unknown = set(data) - {toml_key for _env, toml_key in _SOURCES.values()} - {"registries"}
     if unknown:
         raise ConfigError(f"config: unknown key(s) in {path}: {', '.join(sorted(unknown))}")
     return data
+
+
+def _registry_table(name: str, table: object, env: Mapping[str, str]) -> RegistryConfig:
+    """One `[registries."host"]` table: url, credentials (file or env), tag_ttl, token_realms."""
+    setting = f'registries."{name}"'
+    if not _REGISTRY_NAME.match(name):
+        raise ConfigError(f"{setting}: a registry is named by its host, e.g. ghcr.io")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{setting}: must be a table")
+    unknown = set(table) - _REGISTRY_KEYS
+    if unknown:
+        raise ConfigError(f"{setting}: unknown key(s): {', '.join(sorted(unknown))}")
+    password = None
+    if table.get("password_file"):
+        password = _read_secret_file(str(table["password_file"]))
+    elif table.get("password_env"):
+        password = env.get(str(table["password_env"]))
+        if password is None:
+            raise ConfigError(f"{setting}: environment variable {table['password_env']} is not set")
+    return RegistryConfig(
+        name=name,
+        url=parse_upstream_url(str(table.get("url", f"https://{name}")), f"{setting}.url"),
+        username=table.get("username"),
+        password=password,
+        tag_ttl=parse_duration(table.get("tag_ttl", DEFAULT_TAG_TTL), f"{setting}.tag_ttl"),
+        token_realms=parse_hosts(table.get("token_realms", ()), f"{setting}.token_realms"),
+    )
 
 
 def _read_secret_file(path: str) -> str:
@@ -190,6 +221,22 @@ def load_config(
 ) -> Config:
     """Merge the sources; `flags` holds only the flags the user gave (None means not given)."""
     file_values = _read_toml(Path(config_file)) if config_file else {}
+    tables = file_values.get("registries", {})
+    if not isinstance(tables, dict):
+        raise ConfigError('registries: must be tables, e.g. [registries."ghcr.io"]')
+    # A [registries."docker.io"] table is the file-level source of the docker.io settings.
+    hub_table = tables.get(DOCKER_HUB, {})
+    if isinstance(hub_table, dict):
+        unknown = set(hub_table) - _REGISTRY_KEYS - {"password_env"}
+        if unknown:
+            raise ConfigError(
+                f'registries."docker.io": unknown key(s): {", ".join(sorted(unknown))}'
+            )
+        for key, top in (("url", "upstream"), ("username", "upstream_username"),
+                         ("password_file", "upstream_password_file"), ("tag_ttl", "tag_ttl"),
+                         ("token_realms", "token_realms")):  # fmt: skip
+            if key in hub_table and top not in file_values:
+                file_values[top] = hub_table[key]
 
     def pick(name: str) -> Any:
         env_var, toml_key = _SOURCES[name]
@@ -217,6 +264,8 @@ def load_config(
     elif file_values.get("upstream_password_file"):
         password = _read_secret_file(str(file_values["upstream_password_file"]))
 
+    if isinstance(hub_table, dict) and hub_table.get("password_env") and password is None:
+        password = env.get(str(hub_table["password_env"]))
     hub = RegistryConfig(
         name=DOCKER_HUB,
         url=parse_upstream_url(str(pick("upstream"))),
@@ -229,7 +278,14 @@ def load_config(
         listen_host=host,
         listen_port=port,
         data_dir=Path(str(pick("data"))),
-        registries={DOCKER_HUB: hub},
+        registries={
+            DOCKER_HUB: hub,
+            **{
+                name: _registry_table(name, table, env)
+                for name, table in tables.items()
+                if name != DOCKER_HUB
+            },
+        },
         negative_ttl=parse_duration(pick("negative_ttl"), "negative_ttl"),
         max_size=max_size,
         max_age=None if max_age is None else parse_duration(max_age, "max_age"),

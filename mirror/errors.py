@@ -72,11 +72,13 @@ class RegistryError(Exception):
 
     @classmethod
     def registry_unknown(cls, registry: str) -> RegistryError:
+        name = registry[:200]
         return cls(
             404,
             "NAME_UNKNOWN",
-            f"registry {registry[:200]!r} is not configured on this mirror",
-            {"registry": registry[:200]},
+            f"registry {name!r} is not configured on this mirror: add a "
+            f'[registries."{name}"] table with its url to the mirror\'s config',
+            {"registry": name},
         )
 
     @classmethod

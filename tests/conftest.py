@@ -35,13 +35,14 @@ def mirror_config(
     token_realms: tuple[str, ...] = (),
     negative_ttl: float = 30.0,
     max_size: int = 20 * 1024**3,
+    registries: tuple[RegistryConfig, ...] = (),
 ) -> Config:
     hub = RegistryConfig(DOCKER_HUB, upstream, username, password, tag_ttl, token_realms)
     return Config(
         listen_host="127.0.0.1",
         listen_port=0,
         data_dir=data,
-        registries={DOCKER_HUB: hub},
+        registries={DOCKER_HUB: hub, **{r.name: r for r in registries}},
         negative_ttl=negative_ttl,
         max_size=max_size,
     )

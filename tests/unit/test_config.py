@@ -108,3 +108,55 @@ def test_token_realms_and_negative_ttl(tmp_path):
     )
     assert config.registries["docker.io"].token_realms == ("b.example", "c.example")
     assert config.negative_ttl == 0
+
+
+def test_registry_tables(tmp_path, monkeypatch):
+    pw = tmp_path / "ghcr-token"
+    pw.write_text("ghp_secret\n")
+    toml = tmp_path / "m.toml"
+    toml.write_text(
+        f'''
+[registries."ghcr.io"]
+url = "https://ghcr.io"
+username = "bot"
+password_file = "{pw}"
+tag_ttl = "1m"
+
+[registries."registry.corp:5000"]
+url = "http://registry.corp:5000"
+password_env = "CORP_PW"
+username = "ci"
+token_realms = ["login.corp"]
+
+[registries."docker.io"]
+tag_ttl = "10m"
+'''
+    )
+    config = load_config({}, {"CORP_PW": "corp-secret"}, str(toml))
+    assert set(config.registries) == {"docker.io", "ghcr.io", "registry.corp:5000"}
+    ghcr = config.registries["ghcr.io"]
+    assert (ghcr.url, ghcr.credentials, ghcr.tag_ttl) == (
+        "https://ghcr.io",
+        ("bot", "ghp_secret"),
+        60,
+    )
+    corp = config.registries["registry.corp:5000"]
+    assert corp.credentials == ("ci", "corp-secret") and corp.token_realms == ("login.corp",)
+    assert config.registries["docker.io"].tag_ttl == 600
+    assert "ghp_secret" not in repr(config) and "corp-secret" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("table", "text"),
+    [
+        ('[registries."ghcr.io"]\nurll = "x"', "urll"),
+        ('[registries."Bad Name"]\nurl = "https://x"', "host"),
+        ('[registries."ghcr.io"]\nurl = "ftp://x"', "url"),
+        ('[registries."ghcr.io"]\npassword_env = "NOPE_UNSET"', "NOPE_UNSET"),
+    ],
+)
+def test_bad_registry_tables(tmp_path, table, text):
+    toml = tmp_path / "m.toml"
+    toml.write_text(table + "\n")
+    with pytest.raises(ConfigError, match=text):
+        load_config({}, {}, str(toml))
