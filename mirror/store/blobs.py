@@ -57,12 +57,6 @@ class BlobStore:
         algorithm, hexdigest = validate_digest(digest).split(":", 1)
         return self.blobs / algorithm / hexdigest[:2] / hexdigest
 
-    def size(self, digest: str) -> int | None:
-        try:
-            return self.path(digest).stat().st_size
-        except FileNotFoundError:
-            return None
-
     def read(self, digest: str) -> bytes | None:
         try:
             return self.path(digest).read_bytes()

@@ -115,10 +115,6 @@ class Index:
         await self._db.commit()
         return new
 
-    async def forget_blob(self, digest: str) -> None:
-        await self._db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
-        await self._db.commit()
-
     async def get_manifest_type(self, registry: str, repository: str, digest: str) -> str | None:
         async with self._db.execute(
             "SELECT media_type FROM manifests WHERE registry=? AND repository=? AND digest=?",
