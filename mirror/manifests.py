@@ -116,22 +116,22 @@ class ManifestResolver:
                 if cached is not None:
                     return cached, "hit"
         self._missing.check(registry, repository, reference)
+        result: Result = "miss"
         try:
             if ":" in reference:
                 manifest, shared = await self._by_digest(registry, repository, reference, accept)
-                if shared:
-                    COALESCED.inc()
-                return manifest, "coalesced" if shared else "miss"
-            (manifest, result), shared = await self._tags.do(
-                (registry, repository, reference),
-                lambda: self._refresh_tag(registry, repository, reference, row, accept),
-            )
-            if shared:
-                COALESCED.inc()
-            return manifest, "coalesced" if shared else result
+            else:
+                (manifest, result), shared = await self._tags.do(
+                    (registry, repository, reference),
+                    lambda: self._refresh_tag(registry, repository, reference, row, accept),
+                )
         except RegistryError as exc:
             self._missing.remember(registry, repository, reference, exc)
             raise
+        if shared:
+            COALESCED.inc()
+            result = "coalesced"
+        return manifest, result
 
     async def _cached(self, registry: str, repository: str, digest: str) -> Manifest | None:
         media_type = await self._index.get_manifest_type(registry, repository, digest)
