@@ -7,14 +7,20 @@ to the public registry, which there cannot be reached, so a pass proves the mirr
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import Image, make_image, multiarch_image, random_bytes, small_image
-from tests.fixtures.procs import containerd, dockerd, need, run, skopeo_pull_and_verify
+from tests.fixtures.procs import (
+    containerd,
+    dockerd,
+    need,
+    run,
+    skopeo_pull_and_verify,
+    write_hosts_toml,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -52,20 +58,9 @@ async def test_skopeo_pulls_through_the_mirror(hub, images, start_mirror: StartM
     served_from_mirror(hub, images["library/busybox:1.36"])
 
 
-def hosts_dir(tmp_path: Path, mirror_port: int) -> Path:
-    """containerd's hosts.toml for docker.io: the mirror first, a dead loopback port as server."""
-    root = tmp_path / "certs.d"
-    (root / "docker.io").mkdir(parents=True)
-    (root / "docker.io" / "hosts.toml").write_text(
-        'server = "http://127.0.0.1:9"\n\n'
-        f'[host."http://127.0.0.1:{mirror_port}"]\n  capabilities = ["pull", "resolve"]\n'
-    )
-    return root
-
-
 async def test_ctr_pulls_through_the_mirror_with_ns(hub, images, start_mirror, tmp_path):
     mirror = await start_mirror(hub.registry_url)
-    hosts = hosts_dir(tmp_path, mirror.port)
+    hosts = write_hosts_toml(tmp_path / "certs.d", "docker.io", mirror.port)
     async with containerd() as ctd:
         ctr = ("ctr", "--address", ctd.address, "--namespace", "e2e")
         for ref, image in images.items():

@@ -13,7 +13,14 @@ from mirror.config import RegistryConfig
 from tests.conftest import StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import make_image, random_bytes
-from tests.fixtures.procs import containerd, docker_registry, push, run, skopeo_pull_and_verify
+from tests.fixtures.procs import (
+    containerd,
+    docker_registry,
+    push,
+    run,
+    skopeo_pull_and_verify,
+    write_hosts_toml,
+)
 from tests.integration.test_pull_path import ALL_TYPES, get, mirror_url
 
 pytestmark = pytest.mark.e2e
@@ -34,19 +41,11 @@ async def two_upstreams(hub: FakeHub, tmp_path: Path, start_mirror: StartMirror)
         yield mirror, hub_image, quay_image
 
 
-def hosts_dir(root: Path, registry: str, mirror_port: int) -> None:
-    (root / registry).mkdir(parents=True, exist_ok=True)
-    (root / registry / "hosts.toml").write_text(
-        'server = "http://127.0.0.1:9"\n\n'
-        f'[host."http://127.0.0.1:{mirror_port}"]\n  capabilities = ["pull", "resolve"]\n'
-    )
-
-
 async def test_ctr_pulls_from_two_registries_through_one_mirror(two_upstreams, hub, tmp_path):
     mirror, hub_image, quay_image = two_upstreams
     hosts = tmp_path / "certs.d"
     for registry in ("docker.io", "quay.io"):
-        hosts_dir(hosts, registry, mirror.port)
+        write_hosts_toml(hosts, registry, mirror.port)
     async with containerd() as ctd:
         ctr = ("ctr", "--address", ctd.address, "--namespace", "multi")
         for ref, image in (
