@@ -182,16 +182,22 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _check_table(name: str, table: object) -> dict[str, Any]:
+    """A `[registries."name"]` value must be a table of known keys."""
+    if not isinstance(table, dict):
+        raise ConfigError(f'registries."{name}": must be a table')
+    unknown = set(table) - _REGISTRY_KEYS
+    if unknown:
+        raise ConfigError(f'registries."{name}": unknown key(s): {", ".join(sorted(unknown))}')
+    return table
+
+
 def _registry_table(name: str, table: object, env: Mapping[str, str]) -> RegistryConfig:
     """One `[registries."host"]` table: url, credentials (file or env), tag_ttl, token_realms."""
     setting = f'registries."{name}"'
     if not _REGISTRY_NAME.match(name):
         raise ConfigError(f"{setting}: a registry is named by its host, e.g. ghcr.io")
-    if not isinstance(table, dict):
-        raise ConfigError(f"{setting}: must be a table")
-    unknown = set(table) - _REGISTRY_KEYS
-    if unknown:
-        raise ConfigError(f"{setting}: unknown key(s): {', '.join(sorted(unknown))}")
+    table = _check_table(name, table)
     password = None
     if table.get("password_file"):
         password = _read_secret_file(str(table["password_file"]))
@@ -225,13 +231,8 @@ def load_config(
     if not isinstance(tables, dict):
         raise ConfigError('registries: must be tables, e.g. [registries."ghcr.io"]')
     # A [registries."docker.io"] table is the file-level source of the docker.io settings.
-    hub_table = tables.get(DOCKER_HUB, {})
-    if isinstance(hub_table, dict):
-        unknown = set(hub_table) - _REGISTRY_KEYS - {"password_env"}
-        if unknown:
-            raise ConfigError(
-                f'registries."docker.io": unknown key(s): {", ".join(sorted(unknown))}'
-            )
+    hub_table = _check_table(DOCKER_HUB, tables.get(DOCKER_HUB, {}))
+    if hub_table:
         for key, top in (("url", "upstream"), ("username", "upstream_username"),
                          ("password_file", "upstream_password_file"), ("tag_ttl", "tag_ttl"),
                          ("token_realms", "token_realms")):  # fmt: skip
@@ -264,7 +265,7 @@ def load_config(
     elif file_values.get("upstream_password_file"):
         password = _read_secret_file(str(file_values["upstream_password_file"]))
 
-    if isinstance(hub_table, dict) and hub_table.get("password_env") and password is None:
+    if hub_table.get("password_env") and password is None:
         password = env.get(str(hub_table["password_env"]))
     hub = RegistryConfig(
         name=DOCKER_HUB,

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mirror.errors import RegistryError
 from mirror.reference import validate_digest
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
@@ -74,7 +75,7 @@ def scan(store: BlobStore) -> tuple[dict[str, int], list[Path]]:
                 digest = f"{algorithm_dir.name}:{entry.name}"
                 try:
                     validate_digest(digest)
-                except Exception:
+                except RegistryError:
                     strays.append(Path(entry.path))
                     continue
                 if entry.name[:2] != prefix_dir.name:

@@ -153,6 +153,7 @@ tag_ttl = "10m"
         ('[registries."Bad Name"]\nurl = "https://x"', "host"),
         ('[registries."ghcr.io"]\nurl = "ftp://x"', "url"),
         ('[registries."ghcr.io"]\npassword_env = "NOPE_UNSET"', "NOPE_UNSET"),
+        ('[registries."docker.io"]\ntagttl = "1m"', "tagttl"),
     ],
 )
 def test_bad_registry_tables(tmp_path, table, text):
