@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
@@ -13,7 +14,7 @@ from aiohttp import web
 from mirror import __version__
 from mirror.access import AccessTracker
 from mirror.admin import create_admin_app
-from mirror.config import Config
+from mirror.config import Config, ConfigError
 from mirror.errors import RegistryError
 from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
@@ -135,7 +136,20 @@ async def create_app(config: Config) -> web.Application:
     return app
 
 
-async def run(config: Config) -> None:
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The registry listener's TLS settings, loaded before start so a bad file stops the start."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_cert/tls_key: cannot load {config.tls_cert}: {exc}") from exc
+    return context
+
+
+async def run(config: Config, tls: ssl.SSLContext | None = None) -> None:
     """Serve the registry API and the admin API until SIGTERM or SIGINT."""
     app = await create_app(config)
     BUILD_INFO.labels(__version__).set(1)
@@ -147,7 +161,7 @@ async def run(config: Config) -> None:
     try:
         # Admin first: once the registry port answers, everything answers.
         await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
-        await web.TCPSite(runner, config.listen_host, config.listen_port).start()
+        await web.TCPSite(runner, config.listen_host, config.listen_port, ssl_context=tls).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

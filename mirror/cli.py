@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from mirror import __version__
-from mirror.app import run
+from mirror.app import run, tls_context
 from mirror.config import Config, ConfigError, load_config
 from mirror.logs import setup_logging
 from mirror.prefetch import human_bytes, prefetch
@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admin-listen", dest="admin_listen", help="admin API HOST:PORT (127.0.0.1:5001)"
     )
+    serve.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain: serve https")
+    serve.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
     serve.add_argument("--config", help="TOML configuration file (same keys)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
@@ -69,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
 _CONFIG_FLAGS = (
     "listen", "data", "upstream", "upstream_username", "upstream_password_file", "tag_ttl",
-    "token_realms", "negative_ttl", "max_size", "max_age", "admin_listen",
+    "token_realms", "negative_ttl", "max_size", "max_age", "admin_listen", "tls_cert", "tls_key",
 )  # fmt: skip
 
 
@@ -82,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def serve(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
+        tls = tls_context(config)
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
@@ -95,7 +98,7 @@ def serve(args: argparse.Namespace) -> int:
         __version__, config.listen_host, config.listen_port, config.admin_host,
         config.admin_port, config.data_dir, registries,
     )  # fmt: skip
-    asyncio.run(run(config))
+    asyncio.run(run(config, tls))
     return 0
 
 

@@ -110,6 +110,8 @@ class Config:
     max_age: float | None = None  # expire content unused this long; None: only the cap evicts
     admin_host: str = "127.0.0.1"
     admin_port: int = 5001
+    tls_cert: Path | None = None  # PEM chain; with tls_key, the registry listener speaks https
+    tls_key: Path | None = None
 
     @property
     def registry_names(self) -> frozenset[str]:
@@ -129,6 +131,8 @@ _SOURCES = {
     "max_size": ("MIRROR_MAX_SIZE", "max_size"),
     "max_age": ("MIRROR_MAX_AGE", "max_age"),
     "admin_listen": ("MIRROR_ADMIN_LISTEN", "admin_listen"),
+    "tls_cert": ("MIRROR_TLS_CERT", "tls_cert"),
+    "tls_key": ("MIRROR_TLS_KEY", "tls_key"),
 }
 _DEFAULTS: dict[str, Any] = {
     "listen": DEFAULT_LISTEN,
@@ -142,6 +146,8 @@ _DEFAULTS: dict[str, Any] = {
     "max_size": DEFAULT_MAX_SIZE,
     "max_age": None,
     "admin_listen": DEFAULT_ADMIN_LISTEN,
+    "tls_cert": None,
+    "tls_key": None,
 }
 
 
@@ -275,6 +281,9 @@ def load_config(
         tag_ttl=parse_duration(pick("tag_ttl"), "tag_ttl"),
         token_realms=parse_hosts(pick("token_realms")),
     )
+    tls_cert, tls_key = pick("tls_cert"), pick("tls_key")
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("tls_cert and tls_key: give both (the certificate chain and its key)")
     return Config(
         listen_host=host,
         listen_port=port,
@@ -292,4 +301,6 @@ def load_config(
         max_age=None if max_age is None else parse_duration(max_age, "max_age"),
         admin_host=admin_host,
         admin_port=admin_port,
+        tls_cert=Path(str(tls_cert)) if tls_cert else None,
+        tls_key=Path(str(tls_key)) if tls_key else None,
     )

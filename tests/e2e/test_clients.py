@@ -11,6 +11,7 @@ import json
 import pytest
 
 from tests.conftest import StartMirror
+from tests.fixtures.docs import snippet
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import Image, make_image, multiarch_image, random_bytes, small_image
 from tests.fixtures.procs import (
@@ -19,7 +20,6 @@ from tests.fixtures.procs import (
     need,
     run,
     skopeo_pull_and_verify,
-    write_hosts_toml,
 )
 
 pytestmark = pytest.mark.e2e
@@ -58,9 +58,15 @@ async def test_skopeo_pulls_through_the_mirror(hub, images, start_mirror: StartM
     served_from_mirror(hub, images["library/busybox:1.36"])
 
 
-async def test_ctr_pulls_through_the_mirror_with_ns(hub, images, start_mirror, tmp_path):
+async def test_ctr_pulls_through_the_mirror_with_the_documented_hosts_toml(
+    hub, images, start_mirror, tmp_path
+):
     mirror = await start_mirror(hub.registry_url)
-    hosts = write_hosts_toml(tmp_path / "certs.d", "docker.io", mirror.port)
+    hosts = tmp_path / "certs.d"
+    (hosts / "docker.io").mkdir(parents=True)
+    (hosts / "docker.io" / "hosts.toml").write_text(
+        snippet("containerd-hosts-docker-io", f"127.0.0.1:{mirror.port}")
+    )
     async with containerd() as ctd:
         ctr = ("ctr", "--address", ctd.address, "--namespace", "e2e")
         for ref, image in images.items():
@@ -81,9 +87,11 @@ async def test_ctr_pulls_through_the_mirror_with_ns(hub, images, start_mirror, t
     served_from_mirror(hub, images["team/big:v1"])
 
 
-async def test_dockerd_pulls_only_through_the_mirror(hub, images, start_mirror):
+async def test_dockerd_pulls_only_through_the_mirror_with_the_documented_daemon_json(
+    hub, images, start_mirror
+):
     mirror = await start_mirror(hub.registry_url)
-    async with dockerd(f"http://127.0.0.1:{mirror.port}") as daemon:
+    async with dockerd(snippet("docker-daemon-json", f"127.0.0.1:{mirror.port}")) as daemon:
         docker = ("docker", "-H", daemon.address)
         for ref in ("alpine:3.19", "busybox:1.36", "debian:12", "team/big:v1"):
             image = images[ref if "/" in ref else f"library/{ref}"]

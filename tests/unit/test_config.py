@@ -161,3 +161,17 @@ def test_bad_registry_tables(tmp_path, table, text):
     toml.write_text(table + "\n")
     with pytest.raises(ConfigError, match=text):
         load_config({}, {}, str(toml))
+
+
+def test_tls_needs_both_files_and_a_bad_file_stops_the_start(tmp_path):
+    from mirror.app import tls_context
+
+    with pytest.raises(ConfigError, match="tls_cert and tls_key"):
+        load_config({"tls_cert": "/x.crt"}, {}, None)
+    assert tls_context(load_config({}, {}, None)) is None
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    config = load_config({}, {"MIRROR_TLS_CERT": str(tmp_path / "bad.pem"),
+                              "MIRROR_TLS_KEY": str(tmp_path / "bad.pem")}, None)  # fmt: skip
+    assert config.tls_cert == tmp_path / "bad.pem"
+    with pytest.raises(ConfigError, match="tls_cert/tls_key: cannot load"):
+        tls_context(config)

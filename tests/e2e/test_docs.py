@@ -1,0 +1,175 @@
+"""The client configuration in docs/clients.md, used verbatim (address filled in) by real clients.
+
+The Docker daemon.json and docker.io hosts.toml snippets are exercised in test_clients.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mirror.config import RegistryConfig
+from tests.conftest import StartMirror
+from tests.fixtures.docs import CLIENTS_DOC, snippet, snippets
+from tests.fixtures.fakehub import FakeHub
+from tests.fixtures.images import Image, make_image, small_image
+from tests.fixtures.procs import (
+    containerd,
+    make_tls_files,
+    mirror_process,
+    need,
+    run,
+    short_tempdir,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def hub_images(hub: FakeHub) -> dict[str, Image]:
+    found = {
+        "docker.io/library/alpine:3.19": small_image("alpine"),
+        "ghcr.io/owner/app:v1": make_image([{"app": b"ghcr app"}], label="ghcr"),
+    }
+    for ref, image in found.items():
+        name, tag = ref.split("/", 1)[1].split(":")
+        hub.add(name, tag, image)
+    return found
+
+
+async def start_with_ghcr(hub: FakeHub, start_mirror: StartMirror):  # type: ignore[no-untyped-def]
+    """A mirror serving docker.io and a "ghcr.io" (both the fake hub, which holds both names)."""
+    ghcr = RegistryConfig("ghcr.io", hub.registry_url, tag_ttl=300)
+    return await start_mirror(hub.registry_url, registries=(ghcr,))
+
+
+async def ctr_pull(hosts_dir: Path, *refs_and_images: tuple[str, Image]) -> None:
+    async with containerd() as ctd:
+        ctr = ("ctr", "--address", ctd.address, "--namespace", "docs")
+        for ref, image in refs_and_images:
+            await run(*ctr, "images", "pull", "--hosts-dir", str(hosts_dir),
+                      "--snapshotter", "native", ref)  # fmt: skip
+            assert image.digest in await run(*ctr, "images", "ls"), ref
+
+
+def write_hosts(root: Path, registry: str, text: str) -> Path:
+    (root / registry).mkdir(parents=True, exist_ok=True)
+    (root / registry / "hosts.toml").write_text(text)
+    return root
+
+
+def test_every_snippet_in_the_doc_is_tested() -> None:
+    tested = {
+        "docker-daemon-json", "containerd-hosts-docker-io", "containerd-hosts-ghcr-io",
+        "containerd-hosts-tls", "podman-registries-conf", "k3s-registries-yaml",
+        "kind-cluster-yaml",
+    }  # fmt: skip
+    assert set(snippets()) == tested, f"snippets in {CLIENTS_DOC} without a test, or gone"
+    # The README's short versions are the doc's, verbatim.
+    readme = (CLIENTS_DOC.parents[1] / "README.md").read_text()
+    for name in ("docker-daemon-json", "containerd-hosts-docker-io"):
+        assert snippets()[name] in readme, f"README's {name} differs from {CLIENTS_DOC.name}"
+
+
+async def test_containerd_hosts_toml_for_another_registry(hub, hub_images, start_mirror, tmp_path):
+    mirror = await start_with_ghcr(hub, start_mirror)
+    text = snippet("containerd-hosts-ghcr-io", f"127.0.0.1:{mirror.port}")
+    hosts = write_hosts(tmp_path / "certs.d", "ghcr.io", text)
+    await ctr_pull(hosts, ("ghcr.io/owner/app:v1", hub_images["ghcr.io/owner/app:v1"]))
+    assert any(r.query.get("scope", "").startswith("repository:owner/app") for r in hub.log)
+
+
+async def test_containerd_hosts_toml_with_tls_and_a_private_ca(hub, hub_images, tmp_path):
+    tls = await make_tls_files(tmp_path / "tls")
+    args = ("--tls-cert", str(tls.cert), "--tls-key", str(tls.key))
+    async with mirror_process(tmp_path / "data", hub.registry_url, *args) as mirror:
+        assert mirror.url.startswith("https://")
+        text = snippet("containerd-hosts-tls", mirror.url.removeprefix("https://"))
+        documented_ca = "/etc/containerd/certs.d/docker.io/mirror-ca.crt"
+        assert documented_ca in text
+        hosts = write_hosts(
+            tmp_path / "certs.d", "docker.io", text.replace(documented_ca, str(tls.ca))
+        )
+        await ctr_pull(
+            hosts, ("docker.io/library/alpine:3.19", hub_images["docker.io/library/alpine:3.19"])
+        )
+        # Without the CA the same host entry is refused: the pull really went over verified TLS.
+        untrusted = write_hosts(tmp_path / "untrusted", "docker.io",
+                                text.replace(f'  ca = "{documented_ca}"\n', ""))  # fmt: skip
+        with pytest.raises(AssertionError, match="certificate"):
+            await ctr_pull(
+                untrusted,
+                ("docker.io/library/alpine:3.19", hub_images["docker.io/library/alpine:3.19"]),
+            )
+
+
+async def test_podman_registries_conf(hub, hub_images, start_mirror, tmp_path):
+    need("podman")
+    mirror = await start_mirror(hub.registry_url)
+    root = short_tempdir("pdm-")  # podman's runroot must be short
+    conf = root / "registries.conf"
+    conf.write_text(snippet("podman-registries-conf", f"127.0.0.1:{mirror.port}"))
+    (root / "containers.conf").write_text(
+        f'[network]\nnetwork_backend = "cni"\nnetwork_config_dir = "{root / "cni"}"\n'
+    )
+    (root / "storage.conf").write_text(
+        f'[storage]\ndriver = "vfs"\nrunroot = "{root / "run"}"\ngraphroot = "{root / "graph"}"\n'
+    )
+    (root / "policy.json").write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
+    env = {
+        **os.environ,
+        "CONTAINERS_REGISTRIES_CONF": str(conf),
+        "CONTAINERS_CONF": str(root / "containers.conf"),
+        "CONTAINERS_STORAGE_CONF": str(root / "storage.conf"),
+    }
+    podman = ("podman", "--root", str(root / "graph"), "--runroot", str(root / "run"),
+              "--storage-driver", "vfs")  # fmt: skip
+    image = hub_images["docker.io/library/alpine:3.19"]
+    await run(*podman, "pull", "--signature-policy", str(root / "policy.json"),
+              "docker.io/library/alpine:3.19", env=env)  # fmt: skip
+    digests = await run(*podman, "images", "--digests", "--format", "{{.Digest}}", env=env)
+    assert image.digest in digests
+    assert hub.manifest_gets(), "podman did not pull through the mirror"
+
+
+async def test_k3s_registries_yaml(hub, hub_images, start_mirror, tmp_path):
+    mirror = await start_with_ghcr(hub, start_mirror)
+    config = yaml.safe_load(snippet("k3s-registries-yaml", f"127.0.0.1:{mirror.port}"))
+    # What k3s writes for each mirror endpoint without a path: `<endpoint>/v2`, override_path.
+    hosts = tmp_path / "certs.d"
+    for registry, entry in config["mirrors"].items():
+        lines = ['server = "http://127.0.0.1:9"\n']
+        for endpoint in entry["endpoint"]:
+            lines.append(f'[host."{endpoint}/v2"]\n  capabilities = ["pull", "resolve"]\n'
+                         "  override_path = true\n")  # fmt: skip
+        write_hosts(hosts, registry, "".join(lines))
+    await ctr_pull(hosts, *hub_images.items())
+
+
+async def test_kind_cluster_yaml(hub, hub_images, start_mirror, tmp_path):
+    mirror = await start_mirror(hub.registry_url)
+    cluster = yaml.safe_load(snippets()["kind-cluster-yaml"])  # names no address itself
+    (patch,) = cluster["containerdConfigPatches"]
+    config_path = tomllib.loads(patch)["plugins"]["io.containerd.grpc.v1.cri"]["registry"][
+        "config_path"
+    ]
+    (mount,) = cluster["nodes"][0]["extraMounts"]
+    assert mount["containerPath"] == config_path
+    # containerd itself accepts the patch and reads config_path from it.
+    need("containerd")
+    config = tmp_path / "config.toml"
+    config.write_text("version = 2\n" + patch + "\n")
+    dump = await run("containerd", "--config", str(config), "config", "dump")
+    assert f'config_path = "{config_path}"' in dump
+    # The mounted directory holds the documented docker.io hosts.toml; containerd pulls with it.
+    host_dir = tmp_path / mount["hostPath"]
+    text = snippet("containerd-hosts-docker-io", f"127.0.0.1:{mirror.port}")
+    write_hosts(host_dir, "docker.io", text)
+    await ctr_pull(
+        host_dir, ("docker.io/library/alpine:3.19", hub_images["docker.io/library/alpine:3.19"])
+    )
