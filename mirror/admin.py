@@ -9,19 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
 
 from mirror.config import ConfigError, parse_duration
 from mirror.errors import RegistryError
 from mirror.keys import CONFIG, EVICTOR, INDEX, RESOLVER
 from mirror.mediatypes import INDEX_TYPES, references
+from mirror.metrics import registry
 from mirror.reference import parse_image
 
 MAIN = web.AppKey("main", web.Application)
 
 
-def _counter(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+def _counter(metrics: CollectorRegistry, name: str, **labels: str) -> float:
+    return metrics.get_sample_value(name, labels) or 0.0
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -45,9 +46,10 @@ async def stats(request: web.Request) -> web.Response:
     main = request.app[MAIN]
     evictor = main[EVICTOR]
     _, blobs, manifests = await main[INDEX].usage()
+    metrics = registry()  # all workers' counters, read once
     results = ("hit", "miss", "stale", "coalesced", "error")
     requests = {
-        r: sum(_counter("mirror_requests_total", kind=k, method=m, result=r)
+        r: sum(_counter(metrics, "mirror_requests_total", kind=k, method=m, result=r)
                for k in ("manifest", "blob", "tags", "other") for m in ("GET", "HEAD"))
         for r in results
     }  # fmt: skip
@@ -58,12 +60,16 @@ async def stats(request: web.Request) -> web.Response:
             "blobs": blobs,
             "manifests": manifests,
             "requests": requests,
-            "served_from_cache_bytes": _counter("mirror_served_bytes_total", source="cache"),
-            "served_from_upstream_bytes": _counter("mirror_served_bytes_total", source="upstream"),
-            "fetched_from_upstream_bytes": _counter("mirror_upstream_bytes_total"),
-            "saved_bytes": _counter("mirror_saved_bytes_total"),
-            "evictions": _counter("mirror_evictions_total"),
-            "evicted_bytes": _counter("mirror_evicted_bytes_total"),
+            "served_from_cache_bytes": _counter(
+                metrics, "mirror_served_bytes_total", source="cache"
+            ),
+            "served_from_upstream_bytes": _counter(
+                metrics, "mirror_served_bytes_total", source="upstream"
+            ),
+            "fetched_from_upstream_bytes": _counter(metrics, "mirror_upstream_bytes_total"),
+            "saved_bytes": _counter(metrics, "mirror_saved_bytes_total"),
+            "evictions": _counter(metrics, "mirror_evictions_total"),
+            "evicted_bytes": _counter(metrics, "mirror_evicted_bytes_total"),
         }
     )
 

@@ -19,14 +19,17 @@ from mirror.errors import RegistryError
 from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
 from mirror.handlers import add_cache_header, v2_dispatch, v2_root
+from mirror.hitpath import with_hit_path
 from mirror.keys import ACCESS, CONFIG, EVICTOR, FETCHER, INDEX, RESOLVER, STORE, UPSTREAMS
 from mirror.logs import AccessLogger
 from mirror.manifests import ManifestResolver
-from mirror.metrics import BUILD_INFO, CACHE_MAX_BYTES, REQUEST_DURATION, REQUESTS
+from mirror.metrics import BUILD_INFO, CACHE_MAX_BYTES, observers
 from mirror.missing import MissingCache
 from mirror.probes import add_probe_routes, add_readiness, healthz, metrics
 from mirror.recovery import recover
+from mirror.shared import SharedState
 from mirror.store.blobs import BlobStore
+from mirror.store.index import Index
 from mirror.upstream.auth import TokenCache
 from mirror.upstream.client import RegistryClient, make_session
 
@@ -82,19 +85,42 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         kind = kind if kind in ("manifest", "blob", "tags") else "other"
         result = "error" if status >= 400 else request.get("cache", "hit")
         method = request.method if request.method in ("GET", "HEAD") else "other"
-        REQUESTS.labels(kind, method, result).inc()
-        REQUEST_DURATION.labels(kind).observe(time.perf_counter() - started)
+        counter, duration = observers(kind, method, result)
+        counter.inc()
+        duration.observe(time.perf_counter() - started)
 
 
-async def create_app(config: Config) -> web.Application:
-    """Recover the store and index, open the upstream clients, wire them onto an Application."""
+async def prepare_data(config: Config) -> tuple[Index, SharedState]:
+    """Recover the store and index (once per start, before anything serves) and publish the
+    cache usage to the shared state every worker reads."""
     store = BlobStore(config.data_dir)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     index, _report = await recover(store, config.data_dir / "index.db")
+    shared = SharedState(config.data_dir / "state")
+    usage, _, _ = await index.usage()
+    shared.set_usage(usage)
+    return index, shared
+
+
+async def create_app(config: Config, worker: int | None = None) -> web.Application:
+    """Open the store and index, the upstream clients, and wire them onto an Application.
+
+    `worker` is None for a single process (which recovers the data itself), else this worker's
+    number: the supervisor recovered already, and worker 0 runs the periodic maintenance.
+    """
+    store = BlobStore(config.data_dir)
+    if worker is None:
+        index, shared = await prepare_data(config)
+    else:
+        index, shared = (
+            await Index.open(config.data_dir / "index.db"),
+            SharedState(config.data_dir / "state"),
+        )
     access = AccessTracker(index)
     evictor = Evictor(
         index, store, access, config.max_size,
         {name: reg.tag_ttl for name, reg in config.registries.items()}, config.max_age,
+        shared=shared, primary=worker in (None, 0),
     )  # fmt: skip
     CACHE_MAX_BYTES.set(config.max_size)
     await evictor.start()
@@ -105,7 +131,7 @@ async def create_app(config: Config) -> web.Application:
     }
     missing = MissingCache(config.negative_ttl)
     fetcher = BlobFetcher(store, index, clients, missing, evictor)
-    resolver = ManifestResolver(index, store, clients, missing, evictor)
+    resolver = ManifestResolver(index, store, clients, missing, evictor, shared)
 
     app = web.Application(middlewares=[observe, registry_errors], client_max_size=1024 * 1024)
     app[CONFIG] = config
@@ -131,6 +157,7 @@ async def create_app(config: Config) -> web.Application:
             await client.close()
         await session.close()
         await index.close()
+        shared.close()
 
     app.on_cleanup.append(shutdown)
     return app
@@ -149,19 +176,26 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-async def run(config: Config, tls: ssl.SSLContext | None = None) -> None:
-    """Serve the registry API and the admin API until SIGTERM or SIGINT."""
-    app = await create_app(config)
+async def run(config: Config, tls: ssl.SSLContext | None = None, worker: int | None = None) -> None:
+    """Serve the registry API (and, in a single process or worker 0, the admin API) until
+    SIGTERM or SIGINT. Workers share the listen address through SO_REUSEPORT."""
+    app = await create_app(config, worker)
     BUILD_INFO.labels(__version__).set(1)
     runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=30)
     await runner.setup()
+    assert runner.server is not None
+    runner.server.request_handler = with_hit_path(app, runner.server.request_handler)
     admin_app = create_admin_app(app, [web.get("/metrics", metrics), web.get("/healthz", healthz)])
     admin_runner = web.AppRunner(admin_app, access_log=None)
     await admin_runner.setup()
     try:
         # Admin first: once the registry port answers, everything answers.
-        await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
-        await web.TCPSite(runner, config.listen_host, config.listen_port, ssl_context=tls).start()
+        if worker in (None, 0):
+            await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
+        await web.TCPSite(
+            runner, config.listen_host, config.listen_port, ssl_context=tls,
+            reuse_port=worker is not None,
+        ).start()  # fmt: skip
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import uvloop
 
 from mirror import __version__
 from mirror.app import run, tls_context
@@ -21,6 +22,7 @@ from mirror.config import Config, ConfigError, load_config
 from mirror.logs import setup_logging
 from mirror.prefetch import human_bytes, prefetch
 from mirror.store.index import Index
+from mirror.workers import WORKER_FLAG, die_with_parent, supervise
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain: serve https")
     serve.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--workers", type=int, help="processes serving the listen address (default: the cores)"
+    )
+    serve.add_argument(WORKER_FLAG, dest="worker", help=argparse.SUPPRESS)  # set by the supervisor
     serve.add_argument("--config", help="TOML configuration file (same keys)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
@@ -72,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 _CONFIG_FLAGS = (
     "listen", "data", "upstream", "upstream_username", "upstream_password_file", "tag_ttl",
     "token_realms", "negative_ttl", "max_size", "max_age", "admin_listen", "tls_cert", "tls_key",
+    "workers",
 )  # fmt: skip
 
 
@@ -81,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(flags, os.environ, args.config or os.environ.get("MIRROR_CONFIG"))
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         config = config_from_args(args)
         tls = tls_context(config)
@@ -89,16 +96,23 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level, args.log_format)
+    if args.worker:
+        number, parent = args.worker.split(":")
+        die_with_parent(int(parent))
+        uvloop.run(run(config, tls, int(number)))
+        return 0
     registries = ", ".join(
         f"{r.name} -> {r.url}{' (with credentials)' if r.credentials else ''}"
         for r in config.registries.values()
     )
     logging.getLogger("mirror").info(
-        "mirror %s listening on %s:%d (admin %s:%d), data in %s; registries: %s",
+        "mirror %s listening on %s:%d (admin %s:%d, %d worker(s)), data in %s; registries: %s",
         __version__, config.listen_host, config.listen_port, config.admin_host,
-        config.admin_port, config.data_dir, registries,
+        config.admin_port, config.workers, config.data_dir, registries,
     )  # fmt: skip
-    asyncio.run(run(config, tls))
+    if config.workers > 1:
+        return supervise(config, argv)
+    uvloop.run(run(config, tls))
     return 0
 
 
@@ -278,9 +292,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     commands = {
-        "serve": serve,
+        "serve": lambda a: serve(a, argv[1:]),
         "prefetch": cmd_prefetch,
         "ls": cmd_ls,
         "stats": cmd_stats,

@@ -5,6 +5,7 @@ No other module reads the environment; everything it needs is passed in from her
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -112,6 +113,7 @@ class Config:
     admin_port: int = 5001
     tls_cert: Path | None = None  # PEM chain; with tls_key, the registry listener speaks https
     tls_key: Path | None = None
+    workers: int = 1  # processes serving the listen address (load_config defaults to the cores)
 
     @property
     def registry_names(self) -> frozenset[str]:
@@ -133,6 +135,7 @@ _SOURCES = {
     "admin_listen": ("MIRROR_ADMIN_LISTEN", "admin_listen"),
     "tls_cert": ("MIRROR_TLS_CERT", "tls_cert"),
     "tls_key": ("MIRROR_TLS_KEY", "tls_key"),
+    "workers": ("MIRROR_WORKERS", "workers"),
 }
 _DEFAULTS: dict[str, Any] = {
     "listen": DEFAULT_LISTEN,
@@ -148,6 +151,7 @@ _DEFAULTS: dict[str, Any] = {
     "admin_listen": DEFAULT_ADMIN_LISTEN,
     "tls_cert": None,
     "tls_key": None,
+    "workers": None,  # the number of cores
 }
 
 
@@ -281,6 +285,9 @@ def load_config(
         tag_ttl=parse_duration(pick("tag_ttl"), "tag_ttl"),
         token_realms=parse_hosts(pick("token_realms")),
     )
+    workers = pick("workers") or len(os.sched_getaffinity(0))
+    if not str(workers).isdigit() or int(workers) < 1:
+        raise ConfigError(f"workers: {workers!r} must be a whole number of processes, at least 1")
     tls_cert, tls_key = pick("tls_cert"), pick("tls_key")
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("tls_cert and tls_key: give both (the certificate chain and its key)")
@@ -303,4 +310,5 @@ def load_config(
         admin_port=admin_port,
         tls_cert=Path(str(tls_cert)) if tls_cert else None,
         tls_key=Path(str(tls_key)) if tls_key else None,
+        workers=int(workers),
     )

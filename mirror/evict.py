@@ -6,6 +6,9 @@ total would pass the high watermark (95%), least recently used content is delete
 under the low watermark (90%). A pass deletes files first, then index rows: a crash in between
 leaves rows without files, which recovery drops cheaply. A client already reading an evicted
 file keeps its open descriptor and completes.
+
+With several worker processes, usage lives in the shared state and the lock is a file lock,
+so reservations and passes from all workers add up against the one cap.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 from mirror.access import AccessTracker
 from mirror.metrics import CACHE_BLOBS, CACHE_BYTES, CACHE_MANIFESTS, EVICTED_BYTES, EVICTIONS
+from mirror.shared import FileLock, SharedState
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
 
@@ -44,6 +48,9 @@ class Evictor:
         max_size: int,
         tag_ttls: Mapping[str, float],
         max_age: float | None = None,
+        *,
+        shared: SharedState,
+        primary: bool = True,
     ) -> None:
         self._index = index
         self._store = store
@@ -51,17 +58,24 @@ class Evictor:
         self.max_size = max_size
         self._max_ttl = max(tag_ttls.values(), default=0.0)
         self._max_age = max_age
-        self._lock = asyncio.Lock()
-        self.usage = 0
+        self._shared = shared
+        self._lock = FileLock(store.root / "evict.lock")
+        self._primary = primary  # the one process that sets usage at start and runs max_age
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def usage(self) -> int:
+        return self._shared.usage
+
     async def start(self) -> None:
-        self.usage, _, _ = await self._index.usage()
+        if self._primary:
+            usage, _, _ = await self._index.usage()
+            self._shared.set_usage(usage)
         CACHE_BYTES.set(self.usage)
         await self.refresh_counts()
         self._task = asyncio.create_task(self._periodic())
-        if self.usage > self.max_size * HIGH_WATERMARK:
-            async with self._lock:
+        if self._primary and self.usage > self.max_size * HIGH_WATERMARK:
+            async with self._lock.hold():
                 target = int(self.max_size * LOW_WATERMARK)
                 await self._evict(lambda usage: usage > target)
 
@@ -73,8 +87,7 @@ class Evictor:
 
     def release(self, size: int) -> None:
         """Give back a reservation whose bytes did not land (failed commit, already indexed)."""
-        self.usage -= size
-        CACHE_BYTES.set(self.usage)
+        CACHE_BYTES.set(self._shared.add_usage(-size))
 
     async def make_room(self, incoming: int) -> Evicted:
         """Reserve `incoming` bytes; evict to the low watermark first if they would pass the high.
@@ -82,23 +95,22 @@ class Evictor:
         The reservation is taken under the lock, so concurrent commits cannot all see the same
         free space: the cap holds whatever the number of downloads finishing at once.
         """
-        async with self._lock:
+        async with self._lock.hold():
             evicted = Evicted(0, 0)
             if self.usage + incoming > self.max_size * HIGH_WATERMARK:
                 target = int(self.max_size * LOW_WATERMARK) - incoming
                 evicted = await self._evict(lambda usage: usage > target)
-            self.usage += incoming
-            CACHE_BYTES.set(self.usage)
+            CACHE_BYTES.set(self._shared.add_usage(incoming))
             return evicted
 
     async def expire(self, unused_for: float) -> Evicted:
         """Evict everything not used for `unused_for` seconds (pins and fresh tags excepted)."""
-        async with self._lock:
+        async with self._lock.hold():
             return await self._evict(lambda _usage: True, unused_before=time.time() - unused_for)
 
     async def remove(self, digests: list[tuple[str, int]]) -> Evicted:
         """Delete these blobs now (purge), whatever their age."""
-        async with self._lock:
+        async with self._lock.hold():
             return await self._delete(digests)
 
     async def _evict(
@@ -136,9 +148,9 @@ class Evictor:
         for digest, _ in blobs:
             self._store.path(digest).unlink(missing_ok=True)
         await self._index.forget_blobs([d for d, _ in blobs])
+        self._shared.content_removed()  # workers drop what their memory caches hold
         freed = sum(s for _, s in blobs)
-        self.usage -= freed
-        CACHE_BYTES.set(self.usage)
+        CACHE_BYTES.set(self._shared.add_usage(-freed))
         EVICTIONS.inc(len(blobs))
         EVICTED_BYTES.inc(freed)
         return Evicted(len(blobs), freed)
@@ -154,7 +166,8 @@ class Evictor:
             try:
                 await self._access.flush()
                 await self.refresh_counts()
-                if self._max_age:
+                CACHE_BYTES.set(self.usage)
+                if self._max_age and self._primary:
                     await self.expire(self._max_age)
             except Exception:
                 log.exception("periodic cache maintenance failed")

@@ -9,17 +9,23 @@ does not touch the download the others depend on.
 Integrity rule: no reader sends the final byte of its response before the whole blob was
 verified. If the digest does not match, every reader aborts its connection, so no client ever
 sees a clean end of a wrong body (a short body is what a failed fill must look like).
+
+Across worker processes the download is claimed with a lock file (see shared.Claim): the
+worker holding the claim downloads; any other worker follows the claimant's temp file, polling
+its size, and treats the final name appearing as verification. So N clients spread over the
+workers still cause one upstream transfer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import aiohttp
 
@@ -33,6 +39,7 @@ from mirror.metrics import (
     UPSTREAM_RESUMES,
 )
 from mirror.missing import MissingCache
+from mirror.shared import Claim
 from mirror.store.blobs import BlobStore, BlobWriter, DigestMismatch
 from mirror.store.index import Index
 from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, upstream_error
@@ -43,6 +50,7 @@ CHUNK = 256 * 1024
 MAX_RESUMES = 5
 RESUME_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0)
 CDN_EXPIRED = {403, 404, 410}  # a signed CDN URL that expired: ask the registry again
+FOLLOW_POLL = 0.005  # seconds between looks at another worker's download
 
 
 @dataclass(slots=True)
@@ -54,9 +62,10 @@ class CachedBlob:
 class InflightFetch:
     """The observable state of one download, shared by all its readers."""
 
-    def __init__(self, digest: str, writer: BlobWriter) -> None:
+    def __init__(self, digest: str, path: Path, final_path: Path) -> None:
         self.digest = digest
-        self.path: Path = writer.temp_path  # switches to the final path at commit
+        self.path = path  # the temp file; switches to the final path at commit
+        self.final_path = final_path
         self.size: int | None = None
         self.received = 0
         self.verified = False
@@ -99,6 +108,17 @@ class InflightFetch:
 
     async def wait_progress(self) -> None:
         await asyncio.shield(self._progress)
+
+    def open_file(self) -> BinaryIO:
+        """The bytes so far; a descriptor survives the rename at commit. Another worker's temp
+        file may have just been renamed, hence the second name."""
+        for path in (self.path, self.final_path):
+            try:
+                return open(path, "rb")
+            except FileNotFoundError:
+                continue
+        self.check()
+        raise RegistryError.unavailable("the download of this blob vanished")
 
     def readable_until(self, end: int | None) -> int:
         """How far a reader whose response ends at `end` may send now.
@@ -185,14 +205,74 @@ class BlobFetcher:
         if fetch is not None:
             COALESCED.inc()
             return fetch, True
+        final_path = self._store.path(digest)
+        claim = Claim.take(self._store.tmp / f"{digest.replace(':', '-')}.claim")
+        if not claim.owner or final_path.exists():
+            # Another worker downloads it (or just finished): follow its file.
+            if claim.owner:
+                claim.close()
+            fetch = InflightFetch(digest, final_path, final_path)
+            self._start(fetch, self._follow(fetch, claim))
+            COALESCED.inc()
+            return fetch, True
         writer = self._store.writer(digest)
-        fetch = InflightFetch(digest, writer)
-        self._inflight[digest] = fetch
+        claim.note(temp=writer.temp_path.name)
+        fetch = InflightFetch(digest, writer.temp_path, final_path)
         INFLIGHT_FETCHES.inc()
-        task = asyncio.create_task(self._run(fetch, writer, self._clients[registry], repository))
+        self._start(fetch, self._run(fetch, writer, claim, self._clients[registry], repository))
+        return fetch, False
+
+    def _start(self, fetch: InflightFetch, work: Coroutine[Any, Any, None]) -> None:
+        self._inflight[fetch.digest] = fetch
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return fetch, False
+
+    async def _follow(self, fetch: InflightFetch, claim: Claim) -> None:
+        """Drive `fetch` from another worker's download: its temp file's size, then its rename."""
+        started = False
+        try:
+            while True:
+                try:
+                    size = os.stat(fetch.final_path).st_size
+                except FileNotFoundError:
+                    pass
+                else:
+                    if not started:
+                        fetch.started(size)
+                    fetch.advanced(size)
+                    fetch.succeeded(fetch.final_path)
+                    return
+                if claim.closed:
+                    raise RegistryError.unavailable("the download of this blob vanished")
+                notes = claim.read()
+                if not started and "temp" in notes and "size" in notes:
+                    fetch.path = self._store.tmp / str(notes["temp"])
+                    fetch.started(notes["size"])
+                    started = True
+                if started:
+                    with contextlib.suppress(FileNotFoundError):
+                        received = os.stat(fetch.path).st_size
+                        if received > fetch.received:
+                            fetch.advanced(received)
+                if claim.released() and not fetch.final_path.exists():
+                    error = claim.read().get("error")
+                    if isinstance(error, dict):
+                        raise RegistryError(
+                            int(error.get("status", 503)),
+                            str(error.get("code", "UNAVAILABLE")),
+                            str(error.get("message", "upstream fetch failed")),
+                        )
+                    raise RegistryError.unavailable("the worker downloading this blob stopped")
+                await asyncio.sleep(FOLLOW_POLL)
+        except asyncio.CancelledError:
+            fetch.failed(RegistryError.unavailable("mirror shutting down"))
+            raise
+        except Exception as exc:
+            fetch.failed(exc)
+        finally:
+            claim.close()
+            self._inflight.pop(fetch.digest, None)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -200,10 +280,15 @@ class BlobFetcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _run(
-        self, fetch: InflightFetch, writer: BlobWriter, client: RegistryClient, repository: str
+        self,
+        fetch: InflightFetch,
+        writer: BlobWriter,
+        claim: Claim,
+        client: RegistryClient,
+        repository: str,
     ) -> None:
         try:
-            media_type = await self._download(fetch, writer, client, repository)
+            media_type = await self._download(fetch, writer, claim, client, repository)
             await self._evictor.make_room(writer.received)
             try:
                 final_path = await writer.commit()
@@ -233,16 +318,23 @@ class BlobFetcher:
         except Exception as exc:
             if isinstance(exc, RegistryError):
                 self._missing.remember(client.registry.name, repository, fetch.digest, exc)
+                claim.note(error={"status": exc.status, "code": exc.code, "message": exc.message})
             else:
                 log.warning("blob %s: fetch failed: %r", fetch.digest, exc)
             writer.discard()
             fetch.failed(exc)
         finally:
+            claim.close()  # followers see the final file, or the error noted above
             self._inflight.pop(fetch.digest, None)
             INFLIGHT_FETCHES.dec()
 
     async def _download(
-        self, fetch: InflightFetch, writer: BlobWriter, client: RegistryClient, repository: str
+        self,
+        fetch: InflightFetch,
+        writer: BlobWriter,
+        claim: Claim,
+        client: RegistryClient,
+        repository: str,
     ) -> str | None:
         """Fill the temp file, resuming with Range after a cut; return the upstream media type."""
         media_type: str | None = None
@@ -266,6 +358,7 @@ class BlobFetcher:
                     if fetch.size is None and not writer.received:
                         media_type = resp.headers.get("Content-Type")
                         fetch.started(_total_size(resp))
+                        claim.note(temp=writer.temp_path.name, size=fetch.size)
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         if skip:
                             cut = min(skip, len(chunk))

@@ -47,7 +47,7 @@ async def v2_dispatch(request: web.Request) -> web.StreamResponse:
 
 
 async def manifest(request: web.Request, route: Route) -> web.Response:
-    client_types = parse_accept(request.headers.getall("Accept", []))
+    client_types = parse_accept(tuple(request.headers.getall("Accept", ())))
     found, result = await request.app[RESOLVER].for_client(route, client_types)
     request["cache"] = result
     request.app[ACCESS].touch(found.digest)

@@ -6,8 +6,11 @@ address. Never headers (they carry Authorization), never tokens, never credentia
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -30,33 +33,81 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    ACCESS_LOG.json = fmt == "json"
+
+
+class AccessLogSink:
+    """Access lines, formatted like the handler's lines but without the logging machinery.
+
+    At thousands of hits a second, a LogRecord, a Formatter and a flushed write per request were
+    a quarter of a hit's cost. Lines are buffered and written in one go every 50 ms (and at
+    exit), so a hit costs a string and a list append.
+    """
+
+    FLUSH_AFTER = 0.05
+
+    def __init__(self) -> None:
+        self.json = False
+        self._lines: list[str] = []
+        self._scheduled = False
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            pattern = "%Y-%m-%dT%H:%M:%S" if self.json else "%Y-%m-%d %H:%M:%S"
+            self._stamp = time.strftime(
+                pattern, (time.gmtime if self.json else time.localtime)(now)
+            )
+        millis = int((now - second) * 1000)
+        return f"{self._stamp}.{millis:03d}Z" if self.json else f"{self._stamp},{millis:03d}"
+
+    def add(self, logger: str, message: str, fields: dict[str, Any] | None) -> None:
+        stamp = self._time(time.time())
+        if fields is not None:
+            entry = {"time": stamp, "level": "info", "logger": logger, "message": message}
+            line = json.dumps(entry | fields)
+        else:
+            line = f"{stamp} INFO {logger} {message}"
+        self._lines.append(line + "\n")
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(self.FLUSH_AFTER, self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._lines:
+            lines, self._lines = self._lines, []
+            sys.stderr.write("".join(lines))
+            sys.stderr.flush()
+
+
+ACCESS_LOG = AccessLogSink()
+atexit.register(ACCESS_LOG.flush)
 
 
 class AccessLogger(AbstractAccessLogger):
     """`GET /v2/library/alpine/manifests/3.19 200 1234B 0.004s hit` (or the same as JSON fields)."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        fields = {
-            "remote": request.remote,
-            "method": request.method,
-            "path": request.path,
-            "status": response.status,
-            "bytes": response.body_length,
-            "duration_s": round(time, 6),
-            "cache": request.get("cache", "-"),
-        }
-        self.logger.info(
-            "%s %s %s %d %dB %.3fs %s",
-            fields["remote"], fields["method"], fields["path"], fields["status"],
-            fields["bytes"], time, fields["cache"],
-            extra={"fields": fields},
-        )  # fmt: skip
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        remote, method, path, status = request.remote, request.method, request.path, response.status
+        size, cache = response.body_length, request.get("cache", "-")
+        message = f"{remote} {method} {path} {status} {size}B {time:.3f}s {cache}"
+        fields = None
+        if ACCESS_LOG.json:
+            fields = {"remote": remote, "method": method, "path": path, "status": status,
+                      "bytes": size, "duration_s": round(time, 6), "cache": cache}  # fmt: skip
+        ACCESS_LOG.add(self.logger.name, message, fields)

@@ -3,17 +3,25 @@
 Rate-limit arithmetic drives the design: on Docker Hub a manifest GET counts against the pull
 limit and a HEAD does not. So a tag within `tag_ttl` costs nothing upstream, an expired tag
 costs one HEAD (and one GET by digest only if it moved), a manifest by digest is immutable and
-never asked again, and N simultaneous clients share one upstream exchange.
+never asked again, and N simultaneous clients share one upstream exchange, in one worker
+(single-flight) and across workers (a lock file per manifest, then a second look at the index).
+
+Hits never touch SQLite: manifest bytes by digest and fresh tag -> digest mappings are kept in
+bounded memory caches (per repository, like the index). Manifests by digest are immutable, so
+the only thing that can make an entry wrong is deletion (eviction, purge): any worker that
+deletes moves the shared generation, and every worker drops its caches when it sees that.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
+from cachetools import LRUCache
 
 from mirror.errors import RegistryError
 from mirror.evict import Evictor
@@ -29,6 +37,7 @@ from mirror.mediatypes import (
 from mirror.metrics import COALESCED, DIGEST_MISMATCHES, UPSTREAM_BYTES
 from mirror.missing import MissingCache
 from mirror.reference import Route
+from mirror.shared import SharedState, keyed_lock
 from mirror.singleflight import SingleFlight
 from mirror.store.blobs import BlobStore, digest_of
 from mirror.store.index import Index, TagRow
@@ -51,6 +60,12 @@ class Manifest:
 
 
 FlightKey = tuple[str, str, str]  # registry, repository, tag or digest
+MEMORY_BYTES = 64 * 1024 * 1024  # manifest bytes kept in memory per worker
+MEMORY_TAGS = 100_000
+
+
+def _manifest_size(manifest: Manifest) -> int:
+    return len(manifest.data) + 256
 
 
 class ManifestResolver:
@@ -61,9 +76,14 @@ class ManifestResolver:
         clients: Mapping[str, RegistryClient],
         missing: MissingCache,
         evictor: Evictor,
+        shared: SharedState,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._index = index
+        self._shared = shared
+        self._generation = shared.generation
+        self._memory: LRUCache[FlightKey, Manifest] = LRUCache(MEMORY_BYTES, _manifest_size)
+        self._fresh: LRUCache[FlightKey, tuple[str, float]] = LRUCache(MEMORY_TAGS)
         self._evictor = evictor
         self._missing = missing
         self._store = store
@@ -103,18 +123,15 @@ class ManifestResolver:
         self, registry: str, repository: str, reference: str, client_types: frozenset[str]
     ) -> tuple[Manifest, Result]:
         accept = upstream_accept(client_types)
-        row: TagRow | None = None
+        found = self.from_memory(registry, repository, reference)
+        if found is not None:
+            return found, "hit"
         if ":" in reference:
             cached = await self._cached(registry, repository, reference)
-            if cached is not None:
-                return cached, "hit"
         else:
-            row = await self._index.get_tag(registry, repository, reference)
-            ttl = self._clients[registry].registry.tag_ttl
-            if row is not None and self._clock() - row.confirmed < ttl:
-                cached = await self._cached(registry, repository, row.digest)
-                if cached is not None:
-                    return cached, "hit"
+            cached = await self._fresh_tag(registry, repository, reference)
+        if cached is not None:
+            return cached, "hit"
         self._missing.check(registry, repository, reference)
         result: Result = "miss"
         try:
@@ -123,7 +140,7 @@ class ManifestResolver:
             else:
                 (manifest, result), shared = await self._tags.do(
                     (registry, repository, reference),
-                    lambda: self._refresh_tag(registry, repository, reference, row, accept),
+                    lambda: self._locked_refresh(registry, repository, reference, accept),
                 )
         except RegistryError as exc:
             self._missing.remember(registry, repository, reference, exc)
@@ -133,20 +150,87 @@ class ManifestResolver:
             result = "coalesced"
         return manifest, result
 
+    def from_memory(self, registry: str, repository: str, reference: str) -> Manifest | None:
+        """A manifest by digest, or by a fresh tag, without any I/O: the hit path."""
+        if self._shared.generation != self._generation:
+            self._generation = self._shared.generation
+            self._memory.clear()
+            self._fresh.clear()
+        if ":" not in reference:
+            known = self._fresh.get((registry, repository, reference))
+            ttl = self._clients[registry].registry.tag_ttl
+            if known is None or self._clock() - known[1] >= ttl:
+                return None
+            reference = known[0]
+        return self._memory.get((registry, repository, reference))
+
+    def served_from_memory(self, route: Route, client_types: frozenset[str]) -> Manifest | None:
+        """What `for_client` would answer, if it is in memory and needs no platform pick."""
+        manifest = self.from_memory(route.registry, route.repository, route.reference)
+        if manifest is None:
+            return None
+        decision = negotiate(manifest.media_type, client_types, by_tag=not route.is_digest)
+        return manifest if decision is Negotiation.SERVE else None
+
     async def _cached(self, registry: str, repository: str, digest: str) -> Manifest | None:
         media_type = await self._index.get_manifest_type(registry, repository, digest)
         if media_type is None:
             return None
         data = self._store.read(digest)
-        return None if data is None else Manifest(digest, media_type, data)
+        if data is None:
+            return None
+        manifest = Manifest(digest, media_type, data)
+        self._memory[(registry, repository, digest)] = manifest
+        return manifest
+
+    async def _fresh_tag(self, registry: str, repository: str, tag: str) -> Manifest | None:
+        """The tag's manifest if the index says it is fresh (another worker may have done it)."""
+        row = await self._index.get_tag(registry, repository, tag)
+        if row is None or self._clock() - row.confirmed >= self._clients[registry].registry.tag_ttl:
+            return None
+        cached = await self._cached(registry, repository, row.digest)
+        if cached is not None:
+            self._fresh[(registry, repository, tag)] = (row.digest, row.confirmed)
+        return cached
+
+    async def _set_tag(self, registry: str, repository: str, tag: str, digest: str) -> None:
+        now = self._clock()
+        await self._index.set_tag(registry, repository, tag, digest, now)
+        self._fresh[(registry, repository, tag)] = (digest, now)
+
+    async def _delete_tag(self, registry: str, repository: str, tag: str) -> None:
+        self._fresh.pop((registry, repository, tag), None)
+        await self._index.delete_tag(registry, repository, tag)
 
     async def _by_digest(
         self, registry: str, repository: str, digest: str, accept: str
     ) -> tuple[Manifest, bool]:
         return await self._digests.do(
             (registry, repository, digest),
-            lambda: self._fetch(registry, repository, digest, accept),
+            lambda: self._locked_fetch(registry, repository, digest, accept),
         )
+
+    def _lock(self, registry: str, repository: str, reference: str) -> Any:
+        """The cross-worker lock for one upstream manifest exchange."""
+        key = hashlib.sha256(f"{registry}/{repository}:{reference}".encode()).hexdigest()[:40]
+        return keyed_lock(self._store.tmp, f"manifest-{key}")
+
+    async def _locked_fetch(
+        self, registry: str, repository: str, digest: str, accept: str
+    ) -> Manifest:
+        async with self._lock(registry, repository, digest):
+            cached = await self._cached(registry, repository, digest)
+            return cached or await self._fetch(registry, repository, digest, accept)
+
+    async def _locked_refresh(
+        self, registry: str, repository: str, tag: str, accept: str
+    ) -> tuple[Manifest, Result]:
+        async with self._lock(registry, repository, tag):
+            cached = await self._fresh_tag(registry, repository, tag)
+            if cached is not None:
+                return cached, "hit"  # another worker refreshed it while this one waited
+            row = await self._index.get_tag(registry, repository, tag)
+            return await self._refresh_tag(registry, repository, tag, row, accept)
 
     async def _refresh_tag(
         self, registry: str, repository: str, tag: str, row: TagRow | None, accept: str
@@ -170,10 +254,10 @@ class ManifestResolver:
                 if digest != cached.digest:
                     cached, _ = await self._by_digest(registry, repository, digest, accept)
                     result = "miss"
-                await self._index.set_tag(registry, repository, tag, cached.digest, self._clock())
+                await self._set_tag(registry, repository, tag, cached.digest)
                 return cached, result
             if status == 404:
-                await self._index.delete_tag(registry, repository, tag)
+                await self._delete_tag(registry, repository, tag)
             error = status_error(status, headers, "manifest", tag)
             if status != 200:
                 if is_transient(error):
@@ -186,9 +270,9 @@ class ManifestResolver:
             if cached is not None and is_transient(exc):
                 return cached, "stale"
             if exc.status == 404 and row is not None:
-                await self._index.delete_tag(registry, repository, tag)
+                await self._delete_tag(registry, repository, tag)
             raise
-        await self._index.set_tag(registry, repository, tag, manifest.digest, self._clock())
+        await self._set_tag(registry, repository, tag, manifest.digest)
         return manifest, "miss"
 
     async def _fetch(self, registry: str, repository: str, reference: str, accept: str) -> Manifest:
@@ -235,7 +319,9 @@ class ManifestResolver:
         )
         if reserved and not new:
             self._evictor.release(reserved)
-        return Manifest(digest, media_type, data)
+        manifest = Manifest(digest, media_type, data)
+        self._memory[(registry, repository, digest)] = manifest
+        return manifest
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:

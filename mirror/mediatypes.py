@@ -9,8 +9,8 @@ image; an OCI type the client does not accept is MANIFEST_UNKNOWN.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable
 from enum import Enum
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -24,8 +24,11 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # distribution's limit; containerd's own c
 DEFAULT_PLATFORM = ("linux", "amd64")
 
 
-def parse_accept(values: Iterable[str]) -> frozenset[str]:
-    """Every media type in every `Accept` header, parameters (`;q=`) dropped."""
+@functools.lru_cache(maxsize=1024)
+def parse_accept(values: tuple[str, ...]) -> frozenset[str]:
+    """Every media type in every `Accept` header, parameters (`;q=`) dropped.
+
+    Memoised: clients send the same few header sets on every request of a hit path."""
     types: set[str] = set()
     for value in values:
         for part in value.split(","):
@@ -35,6 +38,7 @@ def parse_accept(values: Iterable[str]) -> frozenset[str]:
     return frozenset(types)
 
 
+@functools.lru_cache(maxsize=1024)
 def upstream_accept(client_types: frozenset[str]) -> str:
     """The Accept to send upstream: every manifest type we serve, then the client's extras."""
     extras = sorted(t for t in client_types if t not in MANIFEST_TYPES and t != "*/*")

@@ -2,11 +2,30 @@
 
 Labels never carry unbounded values (no repository, tag or digest): a mirror serves thousands
 of repositories and each label value is a time series.
+
+With `--workers N`, prometheus-client's multiprocess mode is on (the supervisor sets
+PROMETHEUS_MULTIPROC_DIR before any worker imports this module): each worker writes its values
+to files there and `/metrics` on any worker aggregates all of them. Gauges say how to combine.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import functools
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
+
+
+def registry() -> CollectorRegistry:
+    """What `/metrics` and the admin stats read: this process, or all workers together."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return REGISTRY
+    combined = CollectorRegistry()
+    MultiProcessCollector(combined, directory)  # type: ignore[no-untyped-call]
+    return combined
+
 
 CREDENTIALS_WITHHELD = Counter(
     "mirror_credentials_withheld_total",
@@ -19,8 +38,12 @@ NEGATIVE_CACHE_HITS = Counter(
     ["registry"],
 )
 
-CACHE_BYTES = Gauge("mirror_cache_bytes", "Bytes of verified content on disk")
-CACHE_MAX_BYTES = Gauge("mirror_cache_max_bytes", "The configured size cap")
+CACHE_BYTES = Gauge(
+    "mirror_cache_bytes", "Bytes of verified content on disk", multiprocess_mode="mostrecent"
+)
+CACHE_MAX_BYTES = Gauge(
+    "mirror_cache_max_bytes", "The configured size cap", multiprocess_mode="mostrecent"
+)
 EVICTIONS = Counter("mirror_evictions_total", "Blobs (layers, configs, manifests) evicted")
 EVICTED_BYTES = Counter("mirror_evicted_bytes_total", "Bytes evicted")
 
@@ -63,29 +86,49 @@ RATELIMIT_REMAINING = Gauge(
     "mirror_upstream_ratelimit_remaining",
     "Pulls left, from the upstream's ratelimit-remaining",
     ["registry"],
+    multiprocess_mode="mostrecent",
 )
 RATELIMIT_LIMIT = Gauge(
     "mirror_upstream_ratelimit_limit",
     "Pull limit, from the upstream's ratelimit-limit",
     ["registry"],
+    multiprocess_mode="mostrecent",
 )
 TOKEN_REQUESTS = Counter(
     "mirror_token_requests_total", "Requests to upstream token services", ["registry", "result"]
 )
-INFLIGHT_FETCHES = Gauge("mirror_inflight_fetches", "Blob downloads from upstream in progress")
+INFLIGHT_FETCHES = Gauge(
+    "mirror_inflight_fetches",
+    "Blob downloads from upstream in progress",
+    multiprocess_mode="livesum",
+)
 COALESCED = Counter(
     "mirror_coalesced_requests_total",
     "Requests that joined a download or manifest fetch another request had started",
 )
-CACHE_BLOBS = Gauge("mirror_cache_blobs", "Cached blobs (layers, configs and manifests)")
-CACHE_MANIFESTS = Gauge("mirror_cache_manifests", "Cached manifests")
+CACHE_BLOBS = Gauge(
+    "mirror_cache_blobs",
+    "Cached blobs (layers, configs and manifests)",
+    multiprocess_mode="mostrecent",
+)
+CACHE_MANIFESTS = Gauge(
+    "mirror_cache_manifests", "Cached manifests", multiprocess_mode="mostrecent"
+)
 DIGEST_MISMATCHES = Counter(
     "mirror_digest_mismatches_total", "Upstream content that failed digest verification (discarded)"
 )
 UPSTREAM_RESUMES = Counter(
     "mirror_upstream_resumes_total", "Blob downloads resumed with Range after an interruption"
 )
-BUILD_INFO = Gauge("mirror_build_info", "Always 1; the version as a label", ["version"])
+BUILD_INFO = Gauge(
+    "mirror_build_info", "Always 1; the version as a label", ["version"], multiprocess_mode="max"
+)
+
+
+@functools.lru_cache(maxsize=128)
+def observers(kind: str, method: str, result: str) -> tuple[Counter, Histogram]:
+    """A request's labelled children, looked up once per label set rather than per request."""
+    return REQUESTS.labels(kind, method, result), REQUEST_DURATION.labels(kind)
 
 
 def upstream_kind(suffix: str) -> str:

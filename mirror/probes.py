@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror.keys import CONFIG, INDEX
+from mirror.metrics import registry
 
 
 @dataclass
@@ -45,7 +46,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(_request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(
+        body=generate_latest(registry()), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 def add_probe_routes(app: web.Application) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import BinaryIO
+import select
+from typing import BinaryIO, cast
 
 from aiohttp import web
 
@@ -24,7 +25,7 @@ BLOB_CONTENT_TYPE = "application/octet-stream"
 FALLBACK_CHUNK = 256 * 1024
 
 
-def _etag_matches(request: web.Request, digest: str) -> bool:
+def _etag_matches(request: web.BaseRequest, digest: str) -> bool:
     header = request.headers.get("If-None-Match")
     if not header:
         return False
@@ -32,7 +33,7 @@ def _etag_matches(request: web.Request, digest: str) -> bool:
     return digest in candidates or "*" in candidates
 
 
-def manifest_response(request: web.Request, manifest: Manifest) -> web.Response:
+def manifest_response(request: web.BaseRequest, manifest: Manifest) -> web.Response:
     """Exact bytes; Content-Type is the stored media type; HEAD carries the same headers."""
     headers = {
         "Docker-Content-Digest": manifest.digest,
@@ -97,9 +98,17 @@ async def _send(
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("client went away")
-        await asyncio.get_running_loop().sendfile(transport, f, offset, count)
-        _count(source, count)
-        return
+        try:
+            await asyncio.get_running_loop().sendfile(transport, f, offset, count)
+            _count(source, count)
+            return
+        except NotImplementedError:
+            pass
+        try:
+            await _sendfile_in_thread(transport, f, offset, count, source)
+            return
+        except NotImplementedError:
+            pass  # TLS: the bytes must go through the transport
     fd = f.fileno()
     while count > 0:
         chunk = os.pread(fd, min(FALLBACK_CHUNK, count), offset)
@@ -109,6 +118,56 @@ async def _send(
         _count(source, len(chunk))
         offset += len(chunk)
         count -= len(chunk)
+
+
+SENDFILE_SLICE = 8 * 1024 * 1024  # per thread hop, so many transfers share the thread pool
+SLOW_CLIENT = 120.0  # seconds a client may take to accept more bytes
+
+
+async def _sendfile_in_thread(
+    transport: asyncio.BaseTransport, f: BinaryIO, offset: int, count: int, source: str
+) -> None:
+    """Zero-copy where the event loop has no sendfile (uvloop): os.sendfile on the socket from a
+    worker thread, once the transport has flushed what it holds (the headers).
+
+    The thread waits for writability with poll(2) itself: the loop owns the socket's
+    registration, and blocking there instead of on the loop keeps the loop free.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.get_extra_info("sslcontext") is not None:
+        raise NotImplementedError
+    writer = cast(asyncio.WriteTransport, transport)  # uvloop's does not subclass it
+    while writer.get_write_buffer_size():
+        if transport.is_closing():
+            raise ConnectionResetError("client went away")
+        await asyncio.sleep(0.001)
+    out, src = sock.fileno(), f.fileno()
+    while count > 0:
+        if transport.is_closing():
+            raise ConnectionResetError("client went away")
+        sent = await asyncio.to_thread(
+            _sendfile_slice, out, src, offset, min(count, SENDFILE_SLICE)
+        )
+        _count(source, sent)
+        offset += sent
+        count -= sent
+
+
+def _sendfile_slice(out: int, src: int, offset: int, count: int) -> int:
+    poller = select.poll()
+    poller.register(out, select.POLLOUT)
+    sent = 0
+    while sent < count:
+        try:
+            n = os.sendfile(out, src, offset + sent, count - sent)
+        except BlockingIOError:
+            if not poller.poll(SLOW_CLIENT * 1000):
+                raise ConnectionResetError("client stopped reading") from None
+            continue
+        if n == 0:
+            raise ConnectionResetError("file shorter than expected")
+        sent += n
+    return sent
 
 
 async def send_blob_head(request: web.Request, digest: str, size: int) -> web.StreamResponse:
@@ -150,7 +209,7 @@ async def send_inflight_blob(
     fetch.check()
     # Opened before any further await: the file exists now (a failure unlinks it and sets
     # the error in one step), and this descriptor survives the rename at commit.
-    with open(fetch.path, "rb") as f:
+    with fetch.open_file() as f:
         size = fetch.size
         rng = _plan(request, size)
         resp = _blob_response(fetch.digest, size, rng)

@@ -49,7 +49,7 @@ class BlobStore:
         removed = 0
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
-            removed += 1
+            removed += leftover.suffix not in (".claim", ".lock")  # only downloads count
         return removed
 
     def path(self, digest: str) -> Path:

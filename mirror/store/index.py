@@ -71,7 +71,8 @@ class Index:
 
     @classmethod
     async def open(cls, path: Path) -> Index:
-        conn = await aiosqlite.connect(path)
+        # Several worker processes write: wait for a busy database rather than fail.
+        conn = await aiosqlite.connect(path, timeout=30)
         try:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA synchronous=NORMAL")

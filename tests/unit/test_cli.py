@@ -1,5 +1,7 @@
 """Every `mirror serve` flag reaches the Config (a flag parsed and then dropped is a silent lie)."""
 
+from pathlib import Path
+
 from mirror.cli import _CONFIG_FLAGS, _parser, config_from_args
 
 
@@ -10,12 +12,13 @@ def test_every_serve_flag_reaches_the_config(tmp_path):
         ["serve", "--listen", "127.0.0.1:7000", "--data", "/d", "--upstream", "http://u:1",
          "--upstream-username", "me", "--upstream-password-file", str(secret), "--tag-ttl", "1m",
          "--token-realm", "auth.example", "--negative-ttl", "5s", "--max-size", "1GiB",
-         "--max-age", "7d", "--admin-listen", "127.0.0.1:7001"]
+         "--max-age", "7d", "--admin-listen", "127.0.0.1:7001", "--workers", "3",
+         "--tls-cert", "/c.pem", "--tls-key", "/k.pem"]
     )  # fmt: skip
     serve_dests = {
         a.dest
         for a in _parser()._subparsers._group_actions[0].choices["serve"]._actions  # type: ignore[union-attr]
-    } - {"help", "config", "log_level", "log_format"}  # logging is set up before the Config
+    } - {"help", "config", "log_level", "log_format", "worker"}  # not Config settings
     assert serve_dests == set(_CONFIG_FLAGS)
     config = config_from_args(args)
     hub = config.registries["docker.io"]
@@ -23,3 +26,4 @@ def test_every_serve_flag_reaches_the_config(tmp_path):
     assert (config.max_age, config.negative_ttl, hub.tag_ttl) == (7 * 86400, 5, 60)
     assert hub.credentials == ("me", "pw") and hub.token_realms == ("auth.example",)
     assert hub.url == "http://u:1" and str(config.data_dir) == "/d"
+    assert config.workers == 3 and config.tls_cert == Path("/c.pem")

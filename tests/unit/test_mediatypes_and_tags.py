@@ -16,7 +16,7 @@ from mirror.tags import paginate, rewrite_link
 
 
 def test_accept_reads_every_header_and_drops_parameters():
-    types = parse_accept([f"{OCI_INDEX}, {DOCKER_MANIFEST};q=0.5", "application/json"])
+    types = parse_accept((f"{OCI_INDEX}, {DOCKER_MANIFEST};q=0.5", "application/json"))
     assert types == {OCI_INDEX, DOCKER_MANIFEST, "application/json"}
 
 

@@ -8,6 +8,7 @@ import time
 from mirror.access import AccessTracker
 from mirror.evict import Evictor
 from mirror.recovery import recover
+from mirror.shared import SharedState
 from mirror.store.blobs import BlobStore, digest_of
 
 
@@ -68,7 +69,11 @@ async def test_eviction_order_is_lru_and_spares_pins_and_fresh_tags(tmp_path):
     await index.set_tag("docker.io", "library/b", "v1", digests[1], now)  # fresh tag
     access = AccessTracker(index)
     access.touch(digests[2])  # just used (pending, flushed by the evictor)
-    evictor = Evictor(index, store, access, max_size=700, tag_ttls={"docker.io": 300.0})
+    shared = SharedState(tmp_path / "state")
+    shared.set_usage((await index.usage())[0])
+    evictor = Evictor(
+        index, store, access, max_size=700, tag_ttls={"docker.io": 300.0}, shared=shared
+    )
     await evictor.start()  # 600 is under the high watermark (665): nothing yet
     done = await evictor.make_room(300)  # 900 > 665: evict to 630 - 300, LRU first
     remaining = set(await index.all_blobs())
