@@ -173,6 +173,7 @@ class BlobFetcher:
         """
         fetch = self._inflight.get(digest)
         if fetch is not None:
+            COALESCED.inc()
             return fetch, True
         try:
             f = open(self._store.path(digest), "rb")  # noqa: SIM115 - closed by the caller

@@ -146,14 +146,14 @@ async def _sendfile_in_thread(
         if transport.is_closing():
             raise ConnectionResetError("client went away")
         sent = await asyncio.to_thread(
-            _sendfile_slice, out, src, offset, min(count, SENDFILE_SLICE)
+            _sendfile_slice, out, src, offset, min(count, SENDFILE_SLICE), source
         )
-        _count(source, sent)
         offset += sent
         count -= sent
 
 
-def _sendfile_slice(out: int, src: int, offset: int, count: int) -> int:
+def _sendfile_slice(out: int, src: int, offset: int, count: int, source: str) -> int:
+    """Counted here, as they go: a client may have read the bytes before the loop resumes."""
     poller = select.poll()
     poller.register(out, select.POLLOUT)
     sent = 0
@@ -166,6 +166,7 @@ def _sendfile_slice(out: int, src: int, offset: int, count: int) -> int:
             continue
         if n == 0:
             raise ConnectionResetError("file shorter than expected")
+        _count(source, n)
         sent += n
     return sent
 

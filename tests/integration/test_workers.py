@@ -1,0 +1,86 @@
+"""`--workers 2`: one mirror in several processes behaves as one mirror.
+
+Each client below opens its own connection, so the kernel (SO_REUSEPORT) spreads them over
+both workers; with 16 connections the chance that one worker got them all is 2^-15.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import aiohttp
+
+from tests.fixtures.fakehub import FakeHub
+from tests.fixtures.images import big_image
+from tests.fixtures.procs import mirror_process
+from tests.integration.test_pull_path import ALL_TYPES
+
+MiB = 1 << 20
+CLIENTS = 16
+
+
+async def fetch_each_on_its_own_connection(url: str, n: int, **headers: str) -> list[bytes]:
+    async def one() -> bytes:
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.get(url, headers=headers) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+            return await resp.read()
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}(?:{{(.*)}})? (\S+)$", line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+async def test_clients_on_different_workers_share_one_upstream_download(hub: FakeHub, tmp_path):
+    image = big_image("workers", 6 * MiB, seed=5)
+    hub.add("team/app", "v1", image)
+    layer = image.layers()[0]
+    hub.slow = 0.01  # a download of about 1 s: every client arrives during it
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--workers", "2") as mirror:
+        bodies = await fetch_each_on_its_own_connection(
+            f"{mirror.url}/v2/team/app/blobs/{layer.digest}", CLIENTS
+        )
+        assert all(body == layer.data for body in bodies)
+        assert len(hub.blob_gets(layer.digest)) == 1, "workers downloaded the blob separately"
+        async with aiohttp.ClientSession() as session, session.get(f"{mirror.url}/metrics") as r:
+            metrics = await r.text()
+    # Every worker's counters are in the one scrape: 16 blob requests, 15 of them coalesced.
+    assert metric_total(metrics, "mirror_requests_total", kind="blob") == CLIENTS
+    assert metric_total(metrics, "mirror_coalesced_requests_total") == CLIENTS - 1
+    assert metric_total(metrics, "mirror_served_bytes_total") == CLIENTS * len(layer.data)
+
+
+async def test_a_purge_empties_every_workers_memory(hub: FakeHub, tmp_path):
+    image = big_image("purged", 1 * MiB, seed=6)
+    hub.add("team/gone", "v1", image)
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--workers", "2") as mirror:
+        url = f"{mirror.url}/v2/team/gone/manifests/{image.digest}"
+        # Both workers now hold the manifest in memory.
+        await fetch_each_on_its_own_connection(url, CLIENTS, Accept=ALL_TYPES)
+        hub.down = True
+        await fetch_each_on_its_own_connection(url, CLIENTS, Accept=ALL_TYPES)  # memory hits
+        async with aiohttp.ClientSession() as session:
+            purge = await session.post(
+                f"{mirror.admin}/admin/purge", json={"image": f"team/gone@{image.digest}"}
+            )
+            assert purge.status == 200, await purge.text()
+
+            async def status() -> int:
+                async with (
+                    aiohttp.ClientSession() as own,
+                    own.get(url, headers={"Accept": ALL_TYPES}) as resp,
+                ):
+                    return resp.status
+
+            statuses = await asyncio.gather(*(status() for _ in range(CLIENTS)))
+        assert 200 not in statuses, f"a worker served a purged manifest from memory: {statuses}"
