@@ -169,6 +169,7 @@ def test_credentials_live_only_in_a_secret_mounted_as_files(tmp_path: Path) -> N
     assert config.registries["docker.io"].token_realms == ("auth.example",)
     assert config.max_age == 30 * 86400 and config.max_size == 90 * 1024**3
     assert config.tls_cert == Path("/etc/mirror/tls/tls.crt")
+    assert config.workers == 2  # not the node's core count: the pod's limits set the budget
 
 
 def test_no_secret_without_passwords() -> None:
@@ -189,6 +190,7 @@ def test_no_secret_without_passwords() -> None:
         {"registries": {"Not A Host": {"url": "https://x"}}},
         {"upstream": {"pasword": "typo"}},
         {"service": {"nodePort": 80}},
+        {"config": {"workers": 0}},
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict[str, Any]) -> None:
