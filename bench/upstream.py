@@ -18,8 +18,9 @@ from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import big_image
 
 
-async def serve(size: int) -> None:
+async def serve(size: int, link: int | None) -> None:
     hub = await FakeHub().start()
+    hub.link_rate = link
     image = big_image("bench", size, seed=42)
     hub.add("team/big", "v1", image)
 
@@ -66,9 +67,10 @@ async def serve(size: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="256MiB")
+    parser.add_argument("--link", help="CDN bandwidth shared by all downloads, e.g. 119MiB")
     args = parser.parse_args()
     try:
-        asyncio.run(serve(parse_size(args.size)))
+        asyncio.run(serve(parse_size(args.size), parse_size(args.link) if args.link else None))
     except KeyboardInterrupt:
         sys.exit(0)
 

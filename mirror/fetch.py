@@ -84,11 +84,15 @@ class InflightFetch:
         self.received = received
         self._wake()
 
-    def succeeded(self, final_path: Path) -> None:
-        self.path = final_path
+    def verified_whole(self) -> None:
+        """The digest matched: readers may send their last byte (durability comes after)."""
         self.verified = True
         self.size = self.received
         self._wake()
+
+    def succeeded(self, final_path: Path) -> None:
+        self.path = final_path
+        self.verified_whole()
 
     def failed(self, error: BaseException) -> None:
         self.error = error
@@ -251,11 +255,13 @@ class BlobFetcher:
                     fetch.path = self._store.tmp / str(notes["temp"])
                     fetch.started(notes["size"])
                     started = True
-                if started:
+                if started and not fetch.verified:
                     with contextlib.suppress(FileNotFoundError):
                         received = os.stat(fetch.path).st_size
                         if received > fetch.received:
                             fetch.advanced(received)
+                    if notes.get("verified") and fetch.received == notes.get("size"):
+                        fetch.verified_whole()
                 if claim.released() and not fetch.final_path.exists():
                     error = claim.read().get("error")
                     if isinstance(error, dict):
@@ -290,6 +296,11 @@ class BlobFetcher:
     ) -> None:
         try:
             media_type = await self._download(fetch, writer, claim, client, repository)
+            # Clients get their last byte once the bytes are proven right, not once they are
+            # durable: fsync of a large layer can take longer than its download.
+            writer.verify()
+            fetch.verified_whole()
+            claim.note(temp=writer.temp_path.name, size=fetch.size, verified=True)
             await self._evictor.make_room(writer.received)
             try:
                 final_path = await writer.commit()

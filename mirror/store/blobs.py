@@ -104,15 +104,19 @@ class BlobWriter:
     def actual_digest(self) -> str:
         return f"{self._hash.name}:{self._hash.hexdigest()}"
 
+    def verify(self) -> None:
+        """Raises DigestMismatch (the caller discards) unless the bytes are the digest's."""
+        actual = self.actual_digest()
+        if actual != self.digest:
+            raise DigestMismatch(self.digest, actual)
+
     async def commit(self) -> Path:
         """Verify, fsync, rename into place; raises DigestMismatch (the caller discards).
 
         The rename happens on the event loop after the awaited fsync, with no await between it
         and the return, so a caller can switch its readers to the final path atomically.
         """
-        actual = self.actual_digest()
-        if actual != self.digest:
-            raise DigestMismatch(self.digest, actual)
+        self.verify()
         fd = self._fd
         assert fd is not None
         await asyncio.to_thread(os.fsync, fd)
