@@ -19,7 +19,7 @@ from mirror.errors import RegistryError
 from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
 from mirror.handlers import add_cache_header, v2_dispatch, v2_root
-from mirror.hitpath import with_hit_path
+from mirror.hitpath import hit_path_factory
 from mirror.keys import ACCESS, CONFIG, EVICTOR, FETCHER, INDEX, RESOLVER, STORE, UPSTREAMS
 from mirror.logs import AccessLogger
 from mirror.manifests import ManifestResolver
@@ -184,24 +184,27 @@ async def run(config: Config, tls: ssl.SSLContext | None = None, worker: int | N
     runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=30)
     await runner.setup()
     assert runner.server is not None
-    runner.server.request_handler = with_hit_path(app, runner.server.request_handler)
     admin_app = create_admin_app(app, [web.get("/metrics", metrics), web.get("/healthz", healthz)])
     admin_runner = web.AppRunner(admin_app, access_log=None)
     await admin_runner.setup()
+    loop = asyncio.get_running_loop()
+    listener: asyncio.Server | None = None
     try:
         # Admin first: once the registry port answers, everything answers.
         if worker in (None, 0):
             await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
-        await web.TCPSite(
-            runner, config.listen_host, config.listen_port, ssl_context=tls,
-            reuse_port=worker is not None,
-        ).start()  # fmt: skip
+        # Connections start in the hit path, which hands them to aiohttp (see hitpath.py).
+        listener = await loop.create_server(
+            hit_path_factory(app, runner.server), config.listen_host, config.listen_port,
+            ssl=tls, reuse_port=worker is not None, backlog=1024,
+        )  # fmt: skip
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
     finally:
+        if listener is not None:
+            listener.close()  # no new connections; runner.cleanup drains the open ones
         await admin_runner.cleanup()
         await runner.cleanup()

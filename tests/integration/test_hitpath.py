@@ -1,0 +1,87 @@
+"""The protocol-level hit path answers exactly like the full path, and hands over cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from tests.fixtures.fakehub import FakeHub
+from tests.fixtures.images import small_image
+from tests.fixtures.procs import mirror_process
+from tests.integration.test_pull_path import ALL_TYPES
+
+SAME = ("Content-Type", "Content-Length", "Docker-Content-Digest", "ETag")
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines if line)
+    body = await reader.readexactly(int(headers.get("Content-Length", "0")))
+    return status.encode(), headers, body
+
+
+async def test_hits_from_memory_match_the_full_path(hub: FakeHub, tmp_path):
+    image = small_image("hits")
+    hub.add("team/app", "v1", image)
+    layer = image.layers()[0]
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--workers", "1") as mirror:
+        url = f"{mirror.url}/v2/team/app/manifests"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/v1", headers={"Accept": ALL_TYPES}) as first:
+                assert first.headers["X-Mirror-Cache"] == "miss"
+            async with http.get(f"{url}/{image.digest}", headers={"Accept": ALL_TYPES}) as hit:
+                hit_body, hit_headers = await hit.read(), hit.headers
+            # A conditional request takes the full path: a 304 there, and with another ETag a 200.
+            full_headers = {"Accept": ALL_TYPES, "If-None-Match": '"sha256:other"'}
+            async with http.get(f"{url}/{image.digest}", headers=full_headers) as full:
+                full_body = await full.read()
+                assert full.status == 200
+                assert all(hit_headers[h] == full.headers[h] for h in SAME)
+            async with http.get(
+                f"{url}/{image.digest}", headers={"If-None-Match": f'"{image.digest}"'}
+            ) as cond:
+                assert cond.status == 304
+            async with http.head(f"{url}/v1", headers={"Accept": ALL_TYPES}) as head:
+                assert head.status == 200 and head.headers["X-Mirror-Cache"] == "hit"
+                assert head.headers["Content-Length"] == str(len(image.top.data))
+        assert hit_body == full_body == image.top.data
+        assert hit_headers["X-Mirror-Cache"] == "hit"
+
+        # Pipelined on one connection: two hits, then a blob (handed to aiohttp), in order.
+        host, port = mirror.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        path = "/v2/team/app"
+        writer.write(
+            (f"GET {path}/manifests/v1 HTTP/1.1\r\nHost: m\r\nAccept: {ALL_TYPES}\r\n\r\n"
+             f"GET {path}/manifests/{image.digest} HTTP/1.1\r\nHost: m\r\n"
+             f"Accept: {ALL_TYPES}\r\n\r\n"
+             f"GET {path}/blobs/{layer.digest} HTTP/1.1\r\nHost: m\r\n\r\n").encode()
+        )  # fmt: skip
+        answers = [await read_response(reader) for _ in range(3)]
+        writer.close()
+        assert [a[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 3
+        assert answers[0][2] == answers[1][2] == image.top.data
+        assert answers[2][2] == layer.data
+        async with aiohttp.ClientSession() as http, http.get(f"{mirror.url}/metrics") as r:
+            metrics = await r.text()
+        hits = [line for line in metrics.splitlines() if 'result="hit"' in line]
+        assert 'mirror_requests_total{kind="manifest",method="GET",result="hit"} 5.0' in hits, hits
+
+
+async def test_unusual_requests_take_the_full_path(hub: FakeHub, tmp_path):
+    image = small_image("unusual")
+    hub.add("team/app", "v1", image)
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--workers", "1") as mirror:
+        url = f"{mirror.url}/v2/team/app/manifests/{image.digest}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url, headers={"Accept": ALL_TYPES}) as warm:
+                assert warm.status == 200
+            # A client that takes no OCI manifest: negotiation still refuses it, via the full path.
+            async with http.get(url, headers={"Accept": "application/json"}) as narrow:
+                assert narrow.status == 404
+            async with http.get(url.replace("team/app", "team%2Fapp")) as encoded:
+                assert encoded.status in (200, 404)  # decided by the router, not the hit path
+            async with http.put(url, data=b"x") as write:
+                assert write.status == 405
