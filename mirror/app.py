@@ -8,6 +8,7 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -20,7 +21,17 @@ from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
 from mirror.handlers import add_cache_header, v2_dispatch, v2_root
 from mirror.hitpath import hit_path_factory
-from mirror.keys import ACCESS, CONFIG, EVICTOR, FETCHER, INDEX, RESOLVER, STORE, UPSTREAMS
+from mirror.keys import (
+    ACCESS,
+    CONFIG,
+    EVICTOR,
+    FETCHER,
+    INDEX,
+    RESOLVER,
+    STORE,
+    UPSTREAMS,
+    VISIBILITY,
+)  # fmt: skip
 from mirror.logs import AccessLogger
 from mirror.manifests import ManifestResolver
 from mirror.metrics import BUILD_INFO, CACHE_MAX_BYTES, observers
@@ -32,6 +43,7 @@ from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
 from mirror.upstream.auth import TokenCache
 from mirror.upstream.client import RegistryClient, make_session
+from mirror.visibility import Visibility
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +141,18 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     clients = {
         name: RegistryClient(reg, session, tokens) for name, reg in config.registries.items()
     }
+    # Registries with credentials serve only what anonymous clients could pull (visibility.py).
+    anonymous = TokenCache()
+    visibility = Visibility(
+        {
+            name: RegistryClient(replace(reg, username=None, password=None), session, anonymous)
+            for name, reg in config.registries.items() if reg.credentials
+        },
+        lambda name, user, password: RegistryClient(
+            replace(config.registries[name], username=user, password=password), session,
+            TokenCache(),
+        ),
+    )  # fmt: skip
     missing = MissingCache(config.negative_ttl)
     fetcher = BlobFetcher(store, index, clients, missing, evictor)
     resolver = ManifestResolver(index, store, clients, missing, evictor, shared)
@@ -142,6 +166,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app[RESOLVER] = resolver
     app[EVICTOR] = evictor
     app[ACCESS] = access
+    app[VISIBILITY] = visibility
     app.on_response_prepare.append(add_cache_header)
     add_probe_routes(app)
     add_readiness(app)
@@ -152,6 +177,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     async def shutdown(_app: web.Application) -> None:
         await fetcher.close()
         await resolver.close()
+        await visibility.close()
         await evictor.close()
         for client in clients.values():
             await client.close()

@@ -90,6 +90,9 @@ class RegistryConfig:
     password: str | None = field(default=None, repr=False)  # never printed
     tag_ttl: float = DEFAULT_TAG_TTL
     token_realms: tuple[str, ...] = ()  # extra hosts allowed to receive the credentials
+    # Content anonymous clients could not pull upstream: "deny" it, or serve it to clients whose
+    # own credentials the upstream accepts ("passthrough"). See visibility.py.
+    private: str = "deny"
 
     @property
     def credentials(self) -> tuple[str, str] | None:
@@ -174,7 +177,18 @@ def parse_hosts(
     return tuple(hosts)
 
 
-_REGISTRY_KEYS = {"url", "username", "password_file", "password_env", "tag_ttl", "token_realms"}
+_REGISTRY_KEYS = {
+    "url", "username", "password_file", "password_env", "tag_ttl", "token_realms", "private",
+}  # fmt: skip
+PRIVATE_POLICIES = ("deny", "passthrough")
+
+
+def _private_policy(value: object, setting: str) -> str:
+    if value not in PRIVATE_POLICIES:
+        raise ConfigError(f'{setting}: {value!r} must be "deny" or "passthrough"')
+    return str(value)
+
+
 _REGISTRY_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]+)?$")
 
 
@@ -222,6 +236,7 @@ def _registry_table(name: str, table: object, env: Mapping[str, str]) -> Registr
         password=password,
         tag_ttl=parse_duration(table.get("tag_ttl", DEFAULT_TAG_TTL), f"{setting}.tag_ttl"),
         token_realms=parse_hosts(table.get("token_realms", ()), f"{setting}.token_realms"),
+        private=_private_policy(table.get("private", "deny"), f"{setting}.private"),
     )
 
 
@@ -284,6 +299,7 @@ def load_config(
         password=password,
         tag_ttl=parse_duration(pick("tag_ttl"), "tag_ttl"),
         token_realms=parse_hosts(pick("token_realms")),
+        private=_private_policy(hub_table.get("private", "deny"), 'registries."docker.io".private'),
     )
     workers = pick("workers") or len(os.sched_getaffinity(0))
     if not str(workers).isdigit() or int(workers) < 1:

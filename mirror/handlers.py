@@ -6,7 +6,7 @@ from aiohttp import web
 
 from mirror.errors import RegistryError
 from mirror.fetch import CachedBlob
-from mirror.keys import ACCESS, CONFIG, FETCHER, INDEX, RESOLVER, UPSTREAMS
+from mirror.keys import ACCESS, CONFIG, FETCHER, INDEX, RESOLVER, UPSTREAMS, VISIBILITY
 from mirror.mediatypes import parse_accept
 from mirror.reference import Endpoint, Route, parse_v2_path
 from mirror.responses import (
@@ -16,15 +16,24 @@ from mirror.responses import (
     send_inflight_blob,
 )
 from mirror.tags import list_tags
+from mirror.visibility import CHALLENGE
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = ("GET", "HEAD")
 
 
+def _authorization(request: web.Request) -> str | None:
+    return request.headers.get("Authorization")
+
+
 async def v2_root(request: web.Request) -> web.Response:
-    """The API version check. No challenge: Docker would send the user's Hub login (moby#42022)."""
+    """The API version check. A challenge only where `private = "passthrough"` wants clients'
+    credentials: Docker and skopeo learn auth here, and Docker then sends the user's login
+    (moby#42022), which the mirror otherwise has no use for."""
     if request.method not in READ_METHODS:
         raise RegistryError.unsupported()
+    if request.app[VISIBILITY].challenges and "Authorization" not in request.headers:
+        raise RegistryError(401, "UNAUTHORIZED", "credentials accepted", headers=CHALLENGE)
     request["cache"] = "hit"
     return web.Response(body=b"{}", content_type="application/json", headers=API_VERSION_HEADER)
 
@@ -47,6 +56,9 @@ async def v2_dispatch(request: web.Request) -> web.StreamResponse:
 
 
 async def manifest(request: web.Request, route: Route) -> web.Response:
+    await request.app[VISIBILITY].check(
+        route.registry, route.repository, f"manifests/{route.reference}", _authorization(request)
+    )
     client_types = parse_accept(tuple(request.headers.getall("Accept", ())))
     found, result = await request.app[RESOLVER].for_client(route, client_types)
     request["cache"] = result
@@ -57,6 +69,9 @@ async def manifest(request: web.Request, route: Route) -> web.Response:
 async def blob(request: web.Request, route: Route) -> web.StreamResponse:
     fetcher = request.app[FETCHER]
     digest = route.reference
+    await request.app[VISIBILITY].check(
+        route.registry, route.repository, f"blobs/{digest}", _authorization(request)
+    )
     if request.method == "HEAD" and not fetcher.has(digest):
         # A HEAD never starts a download: it is answered with an upstream HEAD, which is free.
         size = await fetcher.upstream_size(route.registry, route.repository, digest)
@@ -74,6 +89,9 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
 
 
 async def tags(request: web.Request, route: Route) -> web.Response:
+    await request.app[VISIBILITY].check(
+        route.registry, route.repository, "tags/list", _authorization(request)
+    )
     cached = await request.app[INDEX].list_tags(route.registry, route.repository)
     body, link, stale = await list_tags(
         request.app[UPSTREAMS][route.registry], route, dict(request.query), request.path, cached

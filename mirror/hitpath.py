@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from mirror.errors import RegistryError
-from mirror.keys import ACCESS, CONFIG, RESOLVER
+from mirror.keys import ACCESS, CONFIG, RESOLVER, VISIBILITY
 from mirror.logs import ACCESS_LOG
 from mirror.mediatypes import parse_accept
 from mirror.metrics import observers
@@ -46,6 +46,7 @@ class HitAnswers:
 
     def __init__(self, app: web.Application) -> None:
         self._resolver = app[RESOLVER]
+        self._visibility = app[VISIBILITY]
         self._access = app[ACCESS]
         self._names = app[CONFIG].registry_names
         self._second = -1
@@ -91,7 +92,9 @@ class HitAnswers:
             route = _route(path[4:], ns, self._names)
         except RegistryError:
             return None
-        if route.endpoint is not Endpoint.MANIFEST:
+        if route.endpoint is not Endpoint.MANIFEST or not self._visibility.known_public(
+            route.registry, route.repository
+        ):
             return None
         manifest = self._resolver.served_from_memory(route, parse_accept(tuple(accept)))
         if manifest is None:

@@ -12,6 +12,7 @@ from mirror.manifests import ManifestResolver
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
 from mirror.upstream.client import RegistryClient
+from mirror.visibility import Visibility
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", BlobStore)
@@ -21,3 +22,4 @@ FETCHER = web.AppKey("fetcher", BlobFetcher)
 RESOLVER = web.AppKey("resolver", ManifestResolver)
 EVICTOR = web.AppKey("evictor", Evictor)
 ACCESS = web.AppKey("access", AccessTracker)
+VISIBILITY = web.AppKey("visibility", Visibility)

@@ -36,8 +36,9 @@ def mirror_config(
     negative_ttl: float = 30.0,
     max_size: int = 20 * 1024**3,
     registries: tuple[RegistryConfig, ...] = (),
+    private: str = "deny",
 ) -> Config:
-    hub = RegistryConfig(DOCKER_HUB, upstream, username, password, tag_ttl, token_realms)
+    hub = RegistryConfig(DOCKER_HUB, upstream, username, password, tag_ttl, token_realms, private)
     return Config(
         listen_host="127.0.0.1",
         listen_port=0,

@@ -36,7 +36,10 @@ async def two_upstreams(hub: FakeHub, tmp_path: Path, start_mirror: StartMirror)
     hub.add("library/alpine", "3.19", hub_image)
     async with docker_registry(tmp_path / "quay", basic_auth=CREDS) as quay:
         await push(quay, "team/app:v1", quay_image, tmp_path / "layouts", auth=CREDS)
-        quay_config = RegistryConfig("quay.io", quay.url, CREDS[0], CREDS[1], tag_ttl=300)
+        # Nothing on this registry is public: clients bring the credentials (passthrough).
+        quay_config = RegistryConfig(
+            "quay.io", quay.url, CREDS[0], CREDS[1], tag_ttl=300, private="passthrough"
+        )
         mirror = await start_mirror(hub.registry_url, registries=(quay_config,))
         yield mirror, hub_image, quay_image
 
@@ -53,7 +56,16 @@ async def test_ctr_pulls_from_two_registries_through_one_mirror(two_upstreams, h
             ("docker.io/library/alpine:3.19", hub_image),
         ):
             await run(
-                *ctr, "images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native", ref
+                *ctr,
+                "images",
+                "pull",
+                "--hosts-dir",
+                str(hosts),
+                "--snapshotter",
+                "native",
+                "--user",
+                ":".join(CREDS),
+                ref,
             )
             assert image.digest in await run(*ctr, "images", "ls")
     shared = hub_image.layers()[0].digest
@@ -65,7 +77,9 @@ async def test_ctr_pulls_from_two_registries_through_one_mirror(two_upstreams, h
 async def test_skopeo_pulls_both_registries_by_prefix(two_upstreams, hub, tmp_path):
     mirror, hub_image, quay_image = two_upstreams
     host = f"127.0.0.1:{mirror.port}"
-    await skopeo_pull_and_verify(f"{host}/quay.io/team/app:v1", tmp_path / "q", quay_image)
+    await skopeo_pull_and_verify(
+        f"{host}/quay.io/team/app:v1", tmp_path / "q", quay_image, creds=":".join(CREDS)
+    )
     await skopeo_pull_and_verify(f"{host}/docker.io/library/alpine:3.19", tmp_path / "h", hub_image)
     await skopeo_pull_and_verify(f"{host}/library/alpine:3.19", tmp_path / "h2", hub_image)
     assert hub.blob_gets(hub_image.layers()[0].digest) == []

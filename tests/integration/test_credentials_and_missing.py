@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 
@@ -50,9 +51,10 @@ async def test_a_foreign_realm_never_receives_the_credentials(
 async def test_the_registrys_own_realm_and_listed_realms_receive_the_credentials(
     hub: FakeHub, start_mirror: StartMirror, http, tmp_path
 ):
-    hub.add("acme/secret", "v1", image := small_image("secret2"), private=True)
+    # Credentials raise the rate limit on public content; private content stays private (below).
+    hub.add("acme/public", "v1", image := small_image("public2"))
     same_host = mirror_url(await start_mirror(hub.registry_url, data=tmp_path / "a", **CREDS))
-    assert image.digest in await pull(http, same_host, "acme/secret", "v1")
+    assert image.digest in await pull(http, same_host, "acme/public", "v1")
     assert credentialed(hub)
     hub.reset_log()
     listed = mirror_url(
@@ -63,7 +65,7 @@ async def test_the_registrys_own_realm_and_listed_realms_receive_the_credentials
             **CREDS,
         )
     )
-    assert image.digest in await pull(http, listed, "acme/secret", "v1")
+    assert image.digest in await pull(http, listed, "acme/public", "v1")
     assert credentialed(hub)
 
 
@@ -113,3 +115,38 @@ async def test_a_missing_blob_is_remembered_too(hub, start_mirror, http):
         status, _, body = await get(http, url)
         assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
     assert len(hub.requests("registry", "GET", "/blobs/")) == 1
+
+
+async def test_passthrough_serves_private_content_to_clients_with_the_right_credentials(
+    hub: FakeHub, start_mirror: StartMirror, http
+):
+    image = small_image("passthrough")
+    hub.add("acme/secret", "v1", image, private=True)
+    hub.add("library/alpine", "3.19", public := small_image("public3"))
+    base = mirror_url(await start_mirror(hub.registry_url, private="passthrough", **CREDS))
+    url = f"{base}/v2/acme/secret/manifests/v1"
+    right = "Basic " + base64.b64encode(b"hubuser:hubpass").decode()
+    wrong = "Basic " + base64.b64encode(b"hubuser:nope").decode()
+    # Docker and skopeo learn at /v2/ that credentials are welcome.
+    async with http.get(f"{base}/v2/") as ping:
+        assert ping.status == 401 and ping.headers["WWW-Authenticate"].startswith("Basic")
+    async with http.get(f"{base}/v2/", headers={"Authorization": right}) as ping:
+        assert ping.status == 200
+    for headers in ({"Accept": ALL_TYPES}, {"Accept": ALL_TYPES, "Authorization": wrong}):
+        async with http.get(url, headers=headers) as resp:
+            assert resp.status == 401 and "Basic" in resp.headers["WWW-Authenticate"]
+            assert image.top.data not in await resp.read()
+    async with http.get(url, headers={"Accept": ALL_TYPES, "Authorization": right}) as resp:
+        assert resp.status == 200 and await resp.read() == image.top.data
+    layer = image.layers()[0]
+    async with http.get(
+        f"{base}/v2/acme/secret/blobs/{layer.digest}", headers={"Authorization": right}
+    ) as resp:
+        assert await resp.read() == layer.data
+    # The verdict is remembered, keyed by a hash: one more request asks upstream nothing new.
+    token_calls = len(hub.requests("token"))
+    async with http.get(url, headers={"Accept": ALL_TYPES, "Authorization": right}) as resp:
+        assert resp.status == 200
+    assert len(hub.requests("token")) == token_calls
+    # Public content needs no credentials.
+    assert public.digest in await pull(http, base, "library/alpine", "3.19")

@@ -85,3 +85,23 @@ async def test_unusual_requests_take_the_full_path(hub: FakeHub, tmp_path):
                 assert encoded.status in (200, 404)  # decided by the router, not the hit path
             async with http.put(url, data=b"x") as write:
                 assert write.status == 405
+
+
+async def test_private_content_held_in_memory_is_not_served(hub: FakeHub, tmp_path):
+    image = small_image("secret-hit")
+    hub.add("acme/secret", "v1", image, private=True)
+    password = tmp_path / "password"
+    password.write_text(hub.password)
+    creds = ("--upstream-username", hub.username, "--upstream-password-file", str(password))
+    async with (
+        mirror_process(tmp_path / "data", hub.registry_url, "--workers", "1", *creds) as m,
+        aiohttp.ClientSession() as http,
+    ):
+        pin = await http.post(f"{m.admin}/admin/pin", json={"image": "acme/secret:v1"})
+        assert pin.status == 200, await pin.text()  # manifests now in the worker's memory
+        for ref in ("v1", image.digest, image.digest):
+            async with http.get(
+                f"{m.url}/v2/acme/secret/manifests/{ref}", headers={"Accept": ALL_TYPES}
+            ) as resp:
+                assert resp.status == 401, ref
+                assert image.top.data not in await resp.read()

@@ -367,22 +367,32 @@ async def test_tokens_are_cached_per_scope(hub, start_mirror, http):
     assert len(hub.requests("token")) == 1
 
 
-async def test_private_repository_needs_the_configured_credentials(
-    hub, start_mirror, http, tmp_path
+async def test_private_repository_is_never_served_to_anonymous_clients(
+    hub, start_mirror, start_admin, http, tmp_path
 ):
     image = small_image("private")
     hub.add("acme/secret", "v1", image, private=True)
+    hub.add("acme/open", "v1", public := small_image("open"))
     anon = mirror_url(await start_mirror(hub.registry_url, data=tmp_path / "a"))
     status, _, body = await get(http, f"{anon}/v2/acme/secret/manifests/v1", Accept=ALL_TYPES)
     assert status == 401 and json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
-    authed = mirror_url(
-        await start_mirror(
-            hub.registry_url, data=tmp_path / "b", username="hubuser", password="hubpass"
-        )
+    # With the account's credentials the mirror can fetch it, and still serves it to no one.
+    server = await start_mirror(
+        hub.registry_url, data=tmp_path / "b", username="hubuser", password="hubpass"
     )
-    assert image.digest in await pull(http, authed, "acme/secret", "v1")
+    authed = mirror_url(server)
+    admin = str((await start_admin(server)).make_url("")).rstrip("/")
+    async with http.post(f"{admin}/admin/pin", json={"image": "acme/secret:v1"}) as resp:
+        assert resp.status == 200, await resp.text()  # the operator cached it on purpose
     token_calls = [r for r in hub.requests("token") if "Authorization" in r.headers]
     assert token_calls, "credentials were sent to the registry's own token service"
+    layer = image.layers()[0].digest
+    for path in ("manifests/v1", f"manifests/{image.digest}", f"blobs/{layer}", "tags/list"):
+        status, _, body = await get(http, f"{authed}/v2/acme/secret/{path}", Accept=ALL_TYPES)
+        assert status == 401, (path, status)
+        assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+        assert image.top.data not in body and b"secret" not in body.replace(b"acme/secret", b"")
+    assert public.digest in await pull(http, authed, "acme/open", "v1")
 
 
 async def test_upstream_429_is_relayed_with_retry_after(hub, start_mirror, http):
