@@ -15,6 +15,7 @@ from aiohttp import web
 from mirror import __version__
 from mirror.access import AccessTracker
 from mirror.admin import create_admin_app
+from mirror.clientauth import ClientAuth, load_htpasswd
 from mirror.config import Config, ConfigError
 from mirror.errors import RegistryError
 from mirror.evict import Evictor
@@ -23,6 +24,7 @@ from mirror.handlers import add_cache_header, v2_dispatch, v2_root
 from mirror.hitpath import hit_path_factory
 from mirror.keys import (
     ACCESS,
+    CLIENT_AUTH,
     CONFIG,
     EVICTOR,
     FETCHER,
@@ -167,6 +169,9 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app[EVICTOR] = evictor
     app[ACCESS] = access
     app[VISIBILITY] = visibility
+    app[CLIENT_AUTH] = ClientAuth(
+        load_htpasswd(config.auth_htpasswd) if config.auth_htpasswd else None, config.anonymous_pull
+    )
     app.on_response_prepare.append(add_cache_header)
     add_probe_routes(app)
     add_readiness(app)

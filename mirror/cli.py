@@ -18,6 +18,7 @@ import uvloop
 
 from mirror import __version__
 from mirror.app import run, tls_context
+from mirror.clientauth import load_htpasswd
 from mirror.config import Config, ConfigError, load_config
 from mirror.logs import setup_logging
 from mirror.prefetch import human_bytes, prefetch
@@ -62,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, help="processes serving the listen address (default: the cores)"
     )
+    serve.add_argument(
+        "--auth-htpasswd", dest="auth_htpasswd", help="clients must log in: htpasswd (bcrypt) file"
+    )
+    serve.add_argument(
+        "--anonymous-pull", dest="anonymous_pull", action="store_const", const=True,
+        help="with --auth-htpasswd: clients without credentials may still pull public content",
+    )  # fmt: skip
     serve.add_argument(WORKER_FLAG, dest="worker", help=argparse.SUPPRESS)  # set by the supervisor
     serve.add_argument("--config", help="TOML configuration file (same keys)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -78,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 _CONFIG_FLAGS = (
     "listen", "data", "upstream", "upstream_username", "upstream_password_file", "tag_ttl",
     "token_realms", "negative_ttl", "max_size", "max_age", "admin_listen", "tls_cert", "tls_key",
-    "workers",
+    "workers", "auth_htpasswd", "anonymous_pull",
 )  # fmt: skip
 
 
@@ -92,6 +100,8 @@ def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         config = config_from_args(args)
         tls = tls_context(config)
+        if config.auth_htpasswd:
+            load_htpasswd(config.auth_htpasswd)  # a bad file stops the start, naming the line
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2

@@ -117,6 +117,8 @@ class Config:
     tls_cert: Path | None = None  # PEM chain; with tls_key, the registry listener speaks https
     tls_key: Path | None = None
     workers: int = 1  # processes serving the listen address (load_config defaults to the cores)
+    auth_htpasswd: Path | None = None  # clients of the mirror itself must log in (clientauth.py)
+    anonymous_pull: bool = False  # with auth_htpasswd: clients without credentials may still pull
 
     @property
     def registry_names(self) -> frozenset[str]:
@@ -139,6 +141,8 @@ _SOURCES = {
     "tls_cert": ("MIRROR_TLS_CERT", "tls_cert"),
     "tls_key": ("MIRROR_TLS_KEY", "tls_key"),
     "workers": ("MIRROR_WORKERS", "workers"),
+    "auth_htpasswd": ("MIRROR_AUTH_HTPASSWD", "auth_htpasswd"),
+    "anonymous_pull": ("MIRROR_ANONYMOUS_PULL", "anonymous_pull"),
 }
 _DEFAULTS: dict[str, Any] = {
     "listen": DEFAULT_LISTEN,
@@ -155,6 +159,8 @@ _DEFAULTS: dict[str, Any] = {
     "tls_cert": None,
     "tls_key": None,
     "workers": None,  # the number of cores
+    "auth_htpasswd": None,
+    "anonymous_pull": False,
 }
 
 
@@ -304,10 +310,18 @@ def load_config(
     workers = pick("workers") or len(os.sched_getaffinity(0))
     if not str(workers).isdigit() or int(workers) < 1:
         raise ConfigError(f"workers: {workers!r} must be a whole number of processes, at least 1")
+    anonymous_pull = pick("anonymous_pull")
+    if isinstance(anonymous_pull, str):
+        if anonymous_pull.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"anonymous_pull: {anonymous_pull!r} must be true or false")
+        anonymous_pull = anonymous_pull.lower() in ("true", "1", "yes")
+    elif not isinstance(anonymous_pull, bool):
+        raise ConfigError("anonymous_pull: must be true or false")
+    auth_htpasswd = pick("auth_htpasswd")
     tls_cert, tls_key = pick("tls_cert"), pick("tls_key")
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("tls_cert and tls_key: give both (the certificate chain and its key)")
-    return Config(
+    config = Config(
         listen_host=host,
         listen_port=port,
         data_dir=Path(str(pick("data"))),
@@ -327,4 +341,13 @@ def load_config(
         tls_cert=Path(str(tls_cert)) if tls_cert else None,
         tls_key=Path(str(tls_key)) if tls_key else None,
         workers=int(workers),
+        auth_htpasswd=Path(str(auth_htpasswd)) if auth_htpasswd else None,
+        anonymous_pull=anonymous_pull,
     )
+    passthrough = [r.name for r in config.registries.values() if r.private == "passthrough"]
+    if config.auth_htpasswd and passthrough:
+        # A client sends one set of credentials: the mirror's own users, or the upstream's.
+        raise ConfigError(
+            f'auth_htpasswd: cannot be combined with private = "passthrough" ({passthrough[0]})'
+        )
+    return config

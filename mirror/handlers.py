@@ -6,7 +6,16 @@ from aiohttp import web
 
 from mirror.errors import RegistryError
 from mirror.fetch import CachedBlob
-from mirror.keys import ACCESS, CONFIG, FETCHER, INDEX, RESOLVER, UPSTREAMS, VISIBILITY
+from mirror.keys import (
+    ACCESS,
+    CLIENT_AUTH,
+    CONFIG,
+    FETCHER,
+    INDEX,
+    RESOLVER,
+    UPSTREAMS,
+    VISIBILITY,
+)  # fmt: skip
 from mirror.mediatypes import parse_accept
 from mirror.reference import Endpoint, Route, parse_v2_path
 from mirror.responses import (
@@ -32,13 +41,17 @@ async def v2_root(request: web.Request) -> web.Response:
     (moby#42022), which the mirror otherwise has no use for."""
     if request.method not in READ_METHODS:
         raise RegistryError.unsupported()
-    if request.app[VISIBILITY].challenges and "Authorization" not in request.headers:
+    auth = request.app[CLIENT_AUTH]
+    wants_login = auth.enabled or request.app[VISIBILITY].challenges
+    if wants_login and "Authorization" not in request.headers:
         raise RegistryError(401, "UNAUTHORIZED", "credentials accepted", headers=CHALLENGE)
+    await auth.check(_authorization(request))
     request["cache"] = "hit"
     return web.Response(body=b"{}", content_type="application/json", headers=API_VERSION_HEADER)
 
 
 async def v2_dispatch(request: web.Request) -> web.StreamResponse:
+    await request.app[CLIENT_AUTH].check(_authorization(request))
     if request.method not in READ_METHODS:
         raise RegistryError.unsupported()
     config = request.app[CONFIG]

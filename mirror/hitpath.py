@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from mirror.errors import RegistryError
-from mirror.keys import ACCESS, CONFIG, RESOLVER, VISIBILITY
+from mirror.keys import ACCESS, CLIENT_AUTH, CONFIG, RESOLVER, VISIBILITY
 from mirror.logs import ACCESS_LOG
 from mirror.mediatypes import parse_accept
 from mirror.metrics import observers
@@ -47,6 +47,8 @@ class HitAnswers:
     def __init__(self, app: web.Application) -> None:
         self._resolver = app[RESOLVER]
         self._visibility = app[VISIBILITY]
+        # Requests without credentials may be answered here only if they may proceed at all.
+        self._open = app[CLIENT_AUTH].anonymous_allowed
         self._access = app[ACCESS]
         self._names = app[CONFIG].registry_names
         self._second = -1
@@ -60,6 +62,8 @@ class HitAnswers:
         return self._date
 
     def answer(self, head: bytes, remote: str) -> bytes | None:
+        if not self._open:
+            return None
         started = time.perf_counter()
         lines = head.split(b"\r\n")
         parts = lines[0].split(b" ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirror.access import AccessTracker
+from mirror.clientauth import ClientAuth
 from mirror.config import Config
 from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
@@ -23,3 +24,4 @@ RESOLVER = web.AppKey("resolver", ManifestResolver)
 EVICTOR = web.AppKey("evictor", Evictor)
 ACCESS = web.AppKey("access", AccessTracker)
 VISIBILITY = web.AppKey("visibility", Visibility)
+CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)

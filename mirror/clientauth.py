@@ -1,0 +1,88 @@
+"""Who may use the mirror at all: an optional htpasswd file (bcrypt entries, as `htpasswd -B`
+and distribution's own htpasswd auth write them) gating every `/v2/` request.
+
+bcrypt is slow on purpose (tens of milliseconds a check), and a pull is dozens of requests, so
+a verified Authorization header is remembered for `REMEMBER` seconds under its SHA-256 — the
+header itself is never kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import bcrypt
+from cachetools import TTLCache
+
+from mirror.config import ConfigError
+from mirror.errors import RegistryError
+from mirror.visibility import CHALLENGE, basic_credentials
+
+REMEMBER = 300.0
+BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+
+
+def load_htpasswd(path: Path) -> dict[str, bytes]:
+    """user -> bcrypt hash; any other hash scheme is refused at start, naming the line."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"auth_htpasswd: cannot read {path}: {exc.strerror}") from exc
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not user or not hashed.startswith(BCRYPT_PREFIXES):
+            raise ConfigError(
+                f"auth_htpasswd: {path} line {number}: only bcrypt entries (htpasswd -B) are "
+                "accepted"
+            )
+        users[user] = hashed.encode()
+    if not users:
+        raise ConfigError(f"auth_htpasswd: {path} has no users")
+    return users
+
+
+class ClientAuth:
+    def __init__(self, users: dict[str, bytes] | None, anonymous_pull: bool) -> None:
+        self._users = users
+        self.anonymous_pull = anonymous_pull
+        self._verified: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=REMEMBER)
+
+    @property
+    def enabled(self) -> bool:
+        return self._users is not None
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        """May a request without credentials go on (to public content)?"""
+        return self._users is None or self.anonymous_pull
+
+    async def check(self, authorization: str | None) -> None:
+        """Raise 401 with a Basic challenge unless the request may proceed."""
+        if self._users is None:
+            return
+        if authorization is None:
+            if self.anonymous_pull:
+                return
+            raise RegistryError(401, "UNAUTHORIZED", "authentication required", headers=CHALLENGE)
+        key = hashlib.sha256(authorization.encode()).hexdigest()
+        ok = self._verified.get(key)
+        if ok is None:
+            ok = await asyncio.to_thread(self._verify, authorization)
+            self._verified[key] = ok
+        if not ok:
+            raise RegistryError(
+                401, "UNAUTHORIZED", "wrong username or password", headers=CHALLENGE
+            )
+
+    def _verify(self, authorization: str) -> bool:
+        assert self._users is not None
+        credentials = basic_credentials(authorization)
+        if credentials is None:
+            return False
+        hashed = self._users.get(credentials[0])
+        return hashed is not None and bcrypt.checkpw(credentials[1].encode(), hashed)
