@@ -31,6 +31,7 @@ from mirror.metrics import observers
 from mirror.reference import Endpoint, parse_v2_path
 
 MAX_HEAD = 16 * 1024
+HEAD_TIMEOUT = 30.0  # seconds a client may take to send one request head (slowloris)
 # Headers whose presence means the request needs the full HTTP machinery.
 _DELEGATE = frozenset(
     (b"if-none-match", b"if-match", b"range", b"content-length", b"transfer-encoding",
@@ -137,6 +138,7 @@ class HitPathProtocol(asyncio.Protocol):
         self._delegated = False
         self._transport: asyncio.Transport | None = None
         self._remote = "-"
+        self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -155,7 +157,12 @@ class HitPathProtocol(asyncio.Protocol):
                 if len(buffer) > MAX_HEAD:
                     break
                 self._buffer = buffer
+                if self._head_timer is None:  # a head has begun: it must end in time
+                    self._head_timer = asyncio.get_running_loop().call_later(
+                        HEAD_TIMEOUT, self._too_slow
+                    )
                 return
+            self._cancel_head_timer()
             response = self._answers.answer(buffer[:end], self._remote)
             if response is None:
                 break
@@ -167,8 +174,20 @@ class HitPathProtocol(asyncio.Protocol):
             self._buffer = b""
             return
         self._delegated = True
+        self._cancel_head_timer()
         self._buffer = b""
         self._inner.data_received(buffer)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _too_slow(self) -> None:
+        """A client that dribbles a request head holds a connection and memory for nothing."""
+        self._head_timer = None
+        if self._transport is not None and not self._delegated:
+            self._transport.close()
 
     def _keep_alive(self) -> None:
         """aiohttp closes a connection that sent it nothing for its keep-alive timeout; these
@@ -183,6 +202,7 @@ class HitPathProtocol(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
