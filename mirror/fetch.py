@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
-from collections.abc import Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -186,6 +187,34 @@ class BlobFetcher:
             return self.join(registry, repository, digest)
         return CachedBlob(f, os.fstat(f.fileno()).st_size)
 
+    async def stream_uncached(
+        self, registry: str, repository: str, digest: str
+    ) -> tuple[int | None, AsyncIterator[bytes]]:
+        """The blob straight from upstream, not cached (the disk is full): its size, and its
+        bytes, the last chunk held back until the digest matched (else the stream raises)."""
+        resp = await self._clients[registry].request("GET", repository, f"blobs/{digest}")
+        if resp.status != 200:
+            async with resp:
+                raise await upstream_error(resp, "blob", digest)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            hasher = hashlib.new(digest.split(":", 1)[0])
+            held = b""
+            async with resp:
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    UPSTREAM_BYTES.inc(len(chunk))
+                    hasher.update(chunk)
+                    if held:
+                        yield held
+                    held = chunk
+            if f"{hasher.name}:{hasher.hexdigest()}" != digest:
+                DIGEST_MISMATCHES.inc()
+                raise DigestMismatch(digest, f"{hasher.name}:{hasher.hexdigest()}")
+            if held:
+                yield held
+
+        return resp.content_length, chunks()
+
     def has(self, digest: str) -> bool:
         return digest in self._inflight or self._store.path(digest).exists()
 
@@ -331,6 +360,11 @@ class BlobFetcher:
             if isinstance(exc, RegistryError):
                 self._missing.remember(client.registry.name, repository, fetch.digest, exc)
                 claim.note(error={"status": exc.status, "code": exc.code, "message": exc.message})
+            elif self._store.note_if_full(exc):
+                log.warning(
+                    "disk full while caching blob %s: partial file removed; misses are served "
+                    "from upstream without caching for %ds", fetch.digest, self._store.FULL_FOR,
+                )  # fmt: skip
             else:
                 log.warning("blob %s: fetch failed: %r", fetch.digest, exc)
             writer.discard()

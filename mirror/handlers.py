@@ -13,6 +13,7 @@ from mirror.keys import (
     FETCHER,
     INDEX,
     RESOLVER,
+    STORE,
     UPSTREAMS,
     VISIBILITY,
 )  # fmt: skip
@@ -23,6 +24,7 @@ from mirror.responses import (
     send_blob_head,
     send_cached_blob,
     send_inflight_blob,
+    send_uncached_blob,
 )
 from mirror.tags import list_tags
 from mirror.visibility import CHALLENGE
@@ -90,6 +92,10 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
         size = await fetcher.upstream_size(route.registry, route.repository, digest)
         request["cache"] = "miss"
         return await send_blob_head(request, digest, size)
+    if request.app[STORE].full and not fetcher.has(digest):
+        request["cache"] = "miss"
+        length, chunks = await fetcher.stream_uncached(route.registry, route.repository, digest)
+        return await send_uncached_blob(request, digest, length, chunks)
     found = fetcher.open_or_join(route.registry, route.repository, digest)
     if isinstance(found, CachedBlob):
         request["cache"] = "hit"

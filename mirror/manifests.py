@@ -311,8 +311,10 @@ class ManifestResolver:
             await self._evictor.make_room(reserved)
         try:
             await self._store.put(digest, data)
-        except BaseException:
+        except BaseException as exc:
             self._evictor.release(reserved)
+            if self._store.note_if_full(exc):
+                return Manifest(digest, media_type, data)  # served, not cached: the disk is full
             raise
         new = await self._index.add_manifest(
             registry, repository, digest, media_type, len(data), references(data)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mirror.keys import CONFIG, INDEX
+from mirror.keys import CONFIG, INDEX, STORE
 from mirror.metrics import registry
 
 
@@ -33,6 +33,8 @@ async def readyz(request: web.Request) -> web.Response:
     problems: list[str] = []
     if app[LIFECYCLE].shutting_down:
         problems.append("shutting down")
+    if app[STORE].full:
+        problems.append("disk full: misses are served from upstream without caching")
     tmp = app[CONFIG].data_dir / "tmp"
     if not os.access(tmp, os.W_OK):
         problems.append(f"data directory not writable: {tmp}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+from collections.abc import AsyncIterator
 from typing import BinaryIO, cast
 
 from aiohttp import web
@@ -169,6 +170,21 @@ def _sendfile_slice(out: int, src: int, offset: int, count: int, source: str) ->
         _count(source, n)
         sent += n
     return sent
+
+
+async def send_uncached_blob(
+    request: web.Request, digest: str, size: int | None, chunks: AsyncIterator[bytes]
+) -> web.StreamResponse:
+    """A blob relayed from upstream without caching (disk full): whole, 200, last byte only
+    after verification (a mismatch drops the connection, as for any fill)."""
+    resp = _blob_response(digest, size, None)
+    await begin_body(request, resp)
+    if request.method != "HEAD":
+        async for chunk in chunks:
+            await resp.write(chunk)
+            _count("upstream", len(chunk))
+    await resp.write_eof()
+    return resp
 
 
 async def send_blob_head(request: web.Request, digest: str, size: int) -> web.StreamResponse:

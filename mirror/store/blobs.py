@@ -9,9 +9,11 @@ written; whatever is in `tmp/` at start-up is a crash's leftover and is removed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import secrets
+import time
 from pathlib import Path
 
 from mirror.reference import validate_digest
@@ -41,6 +43,21 @@ class BlobStore:
         self.root = root
         self.tmp = root / "tmp"
         self.blobs = root / "blobs"
+        self._full_until = 0.0
+
+    FULL_FOR = 60.0  # seconds a disk-full error keeps the store in pass-through mode
+
+    def note_if_full(self, error: BaseException) -> bool:
+        """Remember a disk-full error (ENOSPC, EDQUOT): while it lasts, misses are streamed
+        from upstream without caching and /readyz says so. True if it was one."""
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            self._full_until = time.monotonic() + self.FULL_FOR
+            return True
+        return False
+
+    @property
+    def full(self) -> bool:
+        return time.monotonic() < self._full_until
 
     def prepare(self) -> int:
         """Create the layout and remove temp files left by a crash; return how many were removed."""
