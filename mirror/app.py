@@ -20,7 +20,7 @@ from mirror.config import Config, ConfigError
 from mirror.errors import RegistryError
 from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
-from mirror.handlers import add_cache_header, v2_dispatch, v2_root
+from mirror.handlers import add_cache_header, catalog, v2_dispatch, v2_root
 from mirror.hitpath import hit_path_factory
 from mirror.keys import (
     ACCESS,
@@ -177,6 +177,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     add_readiness(app)
     app.router.add_route("*", "/v2/", v2_root)
     app.router.add_route("*", "/v2", v2_root)
+    app.router.add_route("*", "/v2/_catalog", catalog)  # before the catch-all below
     app.router.add_route("*", "/v2/{path:.+}", v2_dispatch)
 
     async def shutdown(_app: web.Application) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from urllib.parse import urlencode
+
 from aiohttp import web
 
 from mirror.errors import RegistryError
@@ -18,7 +21,7 @@ from mirror.keys import (
     VISIBILITY,
 )  # fmt: skip
 from mirror.mediatypes import parse_accept
-from mirror.reference import Endpoint, Route, parse_v2_path
+from mirror.reference import DOCKER_HUB, Endpoint, Route, parse_v2_path
 from mirror.responses import (
     manifest_response,
     send_blob_head,
@@ -26,7 +29,7 @@ from mirror.responses import (
     send_inflight_blob,
     send_uncached_blob,
 )
-from mirror.tags import list_tags
+from mirror.tags import list_tags, paginate, parse_n
 from mirror.visibility import CHALLENGE
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -117,6 +120,33 @@ async def tags(request: web.Request, route: Route) -> web.Response:
     )
     request["cache"] = "stale" if stale else "miss"
     headers = {"Link": link} if link else {}
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    """`GET /v2/_catalog`: the repositories this mirror holds, paginated as the spec says.
+
+    Docker Hub repositories are listed by name (`library/alpine`), others with their registry
+    as prefix (`ghcr.io/owner/app`), the form the mirror routes. A repository from a registry
+    with credentials is listed only once it is known to be public (see visibility.py).
+    """
+    await request.app[CLIENT_AUTH].check(_authorization(request))
+    if request.method not in READ_METHODS:
+        raise RegistryError.unsupported()
+    visibility = request.app[VISIBILITY]
+    names = [
+        repository if registry == DOCKER_HUB else f"{registry}/{repository}"
+        for registry, repository in await request.app[INDEX].repositories()
+        if visibility.known_public(registry, repository)
+    ]
+    n = parse_n(request.query.get("n"))
+    page, more = paginate(names, n, request.query.get("last"))
+    headers = API_VERSION_HEADER.copy()
+    if more and page:
+        query = urlencode({"last": page[-1], "n": n})
+        headers["Link"] = f'</v2/_catalog?{query}>; rel="next"'
+    request["cache"] = "hit"
+    body = json.dumps({"repositories": page}).encode()
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 

@@ -266,6 +266,13 @@ class Index:
         async with self._db.execute("SELECT DISTINCT digest FROM pins") as cur:
             return {str(r[0]) async for r in cur}
 
+    async def repositories(self) -> list[tuple[str, str]]:
+        """(registry, repository) of every repository with a cached manifest."""
+        async with self._db.execute(
+            "SELECT DISTINCT registry, repository FROM manifests ORDER BY registry, repository"
+        ) as cur:
+            return [(str(r[0]), str(r[1])) async for r in cur]
+
     async def images(self) -> list[dict[str, object]]:
         """Every cached tag: registry, repository, tag, digest, media type, last access, pinned."""
         async with self._db.execute(

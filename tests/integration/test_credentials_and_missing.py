@@ -9,6 +9,7 @@ import logging
 
 from prometheus_client import REGISTRY
 
+from mirror.config import RegistryConfig
 from tests.conftest import StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import small_image
@@ -150,3 +151,36 @@ async def test_passthrough_serves_private_content_to_clients_with_the_right_cred
     assert len(hub.requests("token")) == token_calls
     # Public content needs no credentials.
     assert public.digest in await pull(http, base, "library/alpine", "3.19")
+
+
+async def test_catalog_lists_exactly_the_cached_repositories_paginated(
+    hub: FakeHub, start_mirror: StartMirror, start_admin, http
+):
+    for name in ("library/alpine", "team/app", "acme/zeta"):
+        hub.add(name, "v1", small_image(name))
+    hub.add("acme/secret", "v1", small_image("catalog-secret"), private=True)
+    ghcr = RegistryConfig("ghcr.io", hub.registry_url, tag_ttl=300)
+    server = await start_mirror(hub.registry_url, registries=(ghcr,), **CREDS)
+    base = mirror_url(server)
+    async with http.get(f"{base}/v2/_catalog") as resp:
+        assert resp.status == 200 and await resp.json() == {"repositories": []}
+    for name in ("library/alpine", "team/app", "acme/zeta", "ghcr.io/team/app"):
+        await pull(http, base, name, "v1")
+    admin = str((await start_admin(server)).make_url("")).rstrip("/")
+    async with http.post(f"{admin}/admin/pin", json={"image": "acme/secret:v1"}) as resp:
+        assert resp.status == 200  # cached by the operator, private: never listed
+    expected = ["acme/zeta", "ghcr.io/team/app", "library/alpine", "team/app"]
+    async with http.get(f"{base}/v2/_catalog") as resp:
+        assert (await resp.json())["repositories"] == expected
+        assert "Link" not in resp.headers
+    pages, url = [], f"{base}/v2/_catalog?n=3"
+    while url:
+        async with http.get(url) as resp:
+            pages.append((await resp.json())["repositories"])
+            link = resp.headers.get("Link")
+        url = base + link.split(";")[0].strip("<>") if link else ""
+    assert pages == [expected[:3], expected[3:]]
+    async with http.get(f"{base}/v2/_catalog?n=2&last=ghcr.io/team/app") as resp:
+        assert (await resp.json())["repositories"] == ["library/alpine", "team/app"]
+    async with http.get(f"{base}/v2/_catalog?n=x") as resp:
+        assert resp.status == 400
