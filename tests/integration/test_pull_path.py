@@ -480,3 +480,22 @@ async def test_eight_concurrent_cold_pulls_cross_the_internet_once(hub, start_mi
     assert hub.cdn_bytes <= 1.02 * image.blob_bytes
     assert len(hub.manifest_gets()) == 1
     assert len(hub.requests("token")) <= 2
+
+
+async def test_token_service_down_is_a_clean_503_and_cached_tags_stay_served(
+    hub, start_mirror, http
+):
+    hub.add("library/alpine", "3.19", image := small_image("tokens-down"))
+    base = mirror_url(await start_mirror(hub.registry_url, tag_ttl=0))
+    hub.add("library/busybox", "1", small_image("never-cached"))
+    assert image.digest in await pull(http, base, "library/alpine", "3.19")
+    hub.token_down = True
+    status, _, body = await get(http, f"{base}/v2/library/busybox/manifests/1", Accept=ALL_TYPES)
+    assert status == 503 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    # The cached tag is expired (tag_ttl 0): revalidated with the still-valid cached token, or
+    # served stale; either way it is served.
+    status, headers, body = await get(
+        http, f"{base}/v2/library/alpine/manifests/3.19", Accept=ALL_TYPES
+    )
+    assert status == 200 and body == image.top.data
+    assert headers["X-Mirror-Cache"] in ("hit", "stale")
