@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import make_image, random_bytes, small_image
-from tests.fixtures.procs import mirror_process, need, prometheus, run
+from tests.fixtures.procs import downloads_settled, mirror_process, need, prometheus, run
 from tests.integration.test_pull_path import ALL_TYPES, get, mirror_url, pull
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +45,7 @@ async def test_saved_bytes_equal_the_warm_pull_and_upstream_bytes_the_cold_one(
         aiohttp.ClientSession() as http,
     ):
         await pull(http, mirror.url, "team/obs", "v1")
+        await downloads_settled(mirror)
         cold = await scrape(mirror.url)
         await pull(http, mirror.url, "team/obs", "v1")
         warm = await scrape(mirror.admin)  # the admin listener serves the same metrics

@@ -11,7 +11,7 @@ import aiohttp
 
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import big_image, multiarch_image
-from tests.fixtures.procs import mirror_process, run
+from tests.fixtures.procs import downloads_settled, mirror_process, run
 from tests.integration.test_pull_path import ALL_TYPES, pull
 
 MiB = 1 << 20
@@ -68,6 +68,7 @@ async def test_prefetch_with_a_platform_filter_then_pulls_are_local(hub: FakeHub
         assert "alpine:3.19 [##############################]" in out
         assert "fetched" in out and "already cached 0 B" in out
         assert not any(hub.blob_gets(b.digest) for b in image.layers("amd64"))
+        await downloads_settled(mirror)
         hub.reset_log()
         async with aiohttp.ClientSession() as http:
             for digest in [arm.digest, *(b.digest for b in image.layers("arm64"))]:
