@@ -156,7 +156,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         ),
     )  # fmt: skip
     missing = MissingCache(config.negative_ttl)
-    fetcher = BlobFetcher(store, index, clients, missing, evictor)
+    fetcher = BlobFetcher(store, index, clients, missing, evictor, config.max_upstream_fetches)
     resolver = ManifestResolver(index, store, clients, missing, evictor, shared)
 
     app = web.Application(middlewares=[observe, registry_errors], client_max_size=1024 * 1024)

@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
         "--anonymous-pull", dest="anonymous_pull", action="store_const", const=True,
         help="with --auth-htpasswd: clients without credentials may still pull public content",
     )  # fmt: skip
+    serve.add_argument(
+        "--max-upstream-fetches", dest="max_upstream_fetches", type=int,
+        help="blob downloads at once per registry and worker; more wait in order (32)",
+    )  # fmt: skip
     serve.add_argument(WORKER_FLAG, dest="worker", help=argparse.SUPPRESS)  # set by the supervisor
     serve.add_argument("--config", help="TOML configuration file (same keys)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -86,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 _CONFIG_FLAGS = (
     "listen", "data", "upstream", "upstream_username", "upstream_password_file", "tag_ttl",
     "token_realms", "negative_ttl", "max_size", "max_age", "admin_listen", "tls_cert", "tls_key",
-    "workers", "auth_htpasswd", "anonymous_pull",
+    "workers", "auth_htpasswd", "anonymous_pull", "max_upstream_fetches",
 )  # fmt: skip
 
 

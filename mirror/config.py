@@ -119,6 +119,7 @@ class Config:
     workers: int = 1  # processes serving the listen address (load_config defaults to the cores)
     auth_htpasswd: Path | None = None  # clients of the mirror itself must log in (clientauth.py)
     anonymous_pull: bool = False  # with auth_htpasswd: clients without credentials may still pull
+    max_upstream_fetches: int = 32  # blob downloads at once per registry and worker; FIFO beyond
 
     @property
     def registry_names(self) -> frozenset[str]:
@@ -143,6 +144,7 @@ _SOURCES = {
     "workers": ("MIRROR_WORKERS", "workers"),
     "auth_htpasswd": ("MIRROR_AUTH_HTPASSWD", "auth_htpasswd"),
     "anonymous_pull": ("MIRROR_ANONYMOUS_PULL", "anonymous_pull"),
+    "max_upstream_fetches": ("MIRROR_MAX_UPSTREAM_FETCHES", "max_upstream_fetches"),
 }
 _DEFAULTS: dict[str, Any] = {
     "listen": DEFAULT_LISTEN,
@@ -161,6 +163,7 @@ _DEFAULTS: dict[str, Any] = {
     "workers": None,  # the number of cores
     "auth_htpasswd": None,
     "anonymous_pull": False,
+    "max_upstream_fetches": 32,
 }
 
 
@@ -318,6 +321,9 @@ def load_config(
     elif not isinstance(anonymous_pull, bool):
         raise ConfigError("anonymous_pull: must be true or false")
     auth_htpasswd = pick("auth_htpasswd")
+    max_fetches = pick("max_upstream_fetches")
+    if not str(max_fetches).isdigit() or int(max_fetches) < 1:
+        raise ConfigError(f"max_upstream_fetches: {max_fetches!r} must be a whole number, >= 1")
     tls_cert, tls_key = pick("tls_cert"), pick("tls_key")
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("tls_cert and tls_key: give both (the certificate chain and its key)")
@@ -343,6 +349,7 @@ def load_config(
         workers=int(workers),
         auth_htpasswd=Path(str(auth_htpasswd)) if auth_htpasswd else None,
         anonymous_pull=anonymous_pull,
+        max_upstream_fetches=int(max_fetches),
     )
     passthrough = [r.name for r in config.registries.values() if r.private == "passthrough"]
     if config.auth_htpasswd and passthrough:

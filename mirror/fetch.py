@@ -155,8 +155,12 @@ class BlobFetcher:
         clients: Mapping[str, RegistryClient],
         missing: MissingCache,
         evictor: Evictor,
+        max_fetches: int = 32,
     ) -> None:
         self._store = store
+        # Per registry, first come first served (asyncio.Semaphore wakes waiters in order):
+        # a burst of cold pulls queues instead of opening hundreds of upstream transfers.
+        self._slots = {name: asyncio.Semaphore(max_fetches) for name in clients}
         self._missing = missing
         self._evictor = evictor
         self._index = index
@@ -324,7 +328,8 @@ class BlobFetcher:
         repository: str,
     ) -> None:
         try:
-            media_type = await self._download(fetch, writer, claim, client, repository)
+            async with self._slots[client.registry.name]:
+                media_type = await self._download(fetch, writer, claim, client, repository)
             # Clients get their last byte once the bytes are proven right, not once they are
             # durable: fsync of a large layer can take longer than its download.
             writer.verify()

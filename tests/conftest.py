@@ -37,6 +37,7 @@ def mirror_config(
     max_size: int = 20 * 1024**3,
     registries: tuple[RegistryConfig, ...] = (),
     private: str = "deny",
+    max_upstream_fetches: int = 32,
 ) -> Config:
     hub = RegistryConfig(DOCKER_HUB, upstream, username, password, tag_ttl, token_realms, private)
     return Config(
@@ -46,6 +47,7 @@ def mirror_config(
         registries={DOCKER_HUB: hub, **{r.name: r for r in registries}},
         negative_ttl=negative_ttl,
         max_size=max_size,
+        max_upstream_fetches=max_upstream_fetches,
     )
 
 

@@ -499,3 +499,18 @@ async def test_token_service_down_is_a_clean_503_and_cached_tags_stay_served(
     )
     assert status == 200 and body == image.top.data
     assert headers["X-Mirror-Cache"] in ("hit", "stale")
+
+
+async def test_upstream_downloads_beyond_the_cap_wait_their_turn(hub, start_mirror, http):
+    blobs = [make_image([{f"f{n}": random_bytes(MiB, 70 + n)}], label=f"cap{n}") for n in range(6)]
+    for n, image in enumerate(blobs):
+        hub.add(f"team/cap{n}", "v1", image)
+    base = mirror_url(await start_mirror(hub.registry_url, max_upstream_fetches=2))
+    hub.slow = 0.005
+    answers = await asyncio.gather(
+        *(get(http, f"{base}/v2/team/cap{n}/blobs/{image.layers()[0].digest}")
+          for n, image in enumerate(blobs))
+    )  # fmt: skip
+    for (status, _, body), image in zip(answers, blobs, strict=True):
+        assert status == 200 and body == image.layers()[0].data
+    assert hub.cdn_peak == 2, f"{hub.cdn_peak} upstream transfers at once with a cap of 2"
