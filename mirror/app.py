@@ -138,7 +138,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     )  # fmt: skip
     CACHE_MAX_BYTES.set(config.max_size)
     await evictor.start()
-    session = make_session()
+    session = make_session(config.upstream_read_timeout)
     tokens = TokenCache()
     clients = {
         name: RegistryClient(reg, session, tokens) for name, reg in config.registries.items()

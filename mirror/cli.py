@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
         "--max-upstream-fetches", dest="max_upstream_fetches", type=int,
         help="blob downloads at once per registry and worker; more wait in order (32)",
     )  # fmt: skip
+    serve.add_argument(
+        "--upstream-read-timeout", dest="upstream_read_timeout",
+        help="drop and resume an upstream that sends nothing for this long (30s)",
+    )  # fmt: skip
     serve.add_argument(WORKER_FLAG, dest="worker", help=argparse.SUPPRESS)  # set by the supervisor
     serve.add_argument("--config", help="TOML configuration file (same keys)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -90,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 _CONFIG_FLAGS = (
     "listen", "data", "upstream", "upstream_username", "upstream_password_file", "tag_ttl",
     "token_realms", "negative_ttl", "max_size", "max_age", "admin_listen", "tls_cert", "tls_key",
-    "workers", "auth_htpasswd", "anonymous_pull", "max_upstream_fetches",
+    "workers", "auth_htpasswd", "anonymous_pull", "max_upstream_fetches", "upstream_read_timeout",
 )  # fmt: skip
 
 

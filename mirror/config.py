@@ -120,6 +120,7 @@ class Config:
     auth_htpasswd: Path | None = None  # clients of the mirror itself must log in (clientauth.py)
     anonymous_pull: bool = False  # with auth_htpasswd: clients without credentials may still pull
     max_upstream_fetches: int = 32  # blob downloads at once per registry and worker; FIFO beyond
+    upstream_read_timeout: float = 30.0  # a silent upstream is dropped and resumed after this
 
     @property
     def registry_names(self) -> frozenset[str]:
@@ -145,6 +146,7 @@ _SOURCES = {
     "auth_htpasswd": ("MIRROR_AUTH_HTPASSWD", "auth_htpasswd"),
     "anonymous_pull": ("MIRROR_ANONYMOUS_PULL", "anonymous_pull"),
     "max_upstream_fetches": ("MIRROR_MAX_UPSTREAM_FETCHES", "max_upstream_fetches"),
+    "upstream_read_timeout": ("MIRROR_UPSTREAM_READ_TIMEOUT", "upstream_read_timeout"),
 }
 _DEFAULTS: dict[str, Any] = {
     "listen": DEFAULT_LISTEN,
@@ -164,6 +166,7 @@ _DEFAULTS: dict[str, Any] = {
     "auth_htpasswd": None,
     "anonymous_pull": False,
     "max_upstream_fetches": 32,
+    "upstream_read_timeout": 30.0,
 }
 
 
@@ -321,6 +324,9 @@ def load_config(
     elif not isinstance(anonymous_pull, bool):
         raise ConfigError("anonymous_pull: must be true or false")
     auth_htpasswd = pick("auth_htpasswd")
+    read_timeout = parse_duration(pick("upstream_read_timeout"), "upstream_read_timeout")
+    if read_timeout <= 0:
+        raise ConfigError("upstream_read_timeout: must be positive")
     max_fetches = pick("max_upstream_fetches")
     if not str(max_fetches).isdigit() or int(max_fetches) < 1:
         raise ConfigError(f"max_upstream_fetches: {max_fetches!r} must be a whole number, >= 1")
@@ -350,6 +356,7 @@ def load_config(
         auth_htpasswd=Path(str(auth_htpasswd)) if auth_htpasswd else None,
         anonymous_pull=anonymous_pull,
         max_upstream_fetches=int(max_fetches),
+        upstream_read_timeout=read_timeout,
     )
     passthrough = [r.name for r in config.registries.values() if r.private == "passthrough"]
     if config.auth_htpasswd and passthrough:

@@ -38,6 +38,7 @@ def mirror_config(
     registries: tuple[RegistryConfig, ...] = (),
     private: str = "deny",
     max_upstream_fetches: int = 32,
+    upstream_read_timeout: float = 30.0,
 ) -> Config:
     hub = RegistryConfig(DOCKER_HUB, upstream, username, password, tag_ttl, token_realms, private)
     return Config(
@@ -48,6 +49,7 @@ def mirror_config(
         negative_ttl=negative_ttl,
         max_size=max_size,
         max_upstream_fetches=max_upstream_fetches,
+        upstream_read_timeout=upstream_read_timeout,
     )
 
 

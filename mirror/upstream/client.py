@@ -49,16 +49,21 @@ log = logging.getLogger(__name__)
 REDIRECTS = {301, 302, 303, 307, 308}
 MAX_REDIRECTS = 5
 RETRY_DELAYS = (0.2, 0.8)  # bounded: three attempts in all for connect errors and 5xx
-TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=30)
+READ_TIMEOUT = 30.0  # seconds an upstream may go silent mid-response before it is resumed
 TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 TRANSIENT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
 
 
-def make_session() -> aiohttp.ClientSession:
-    """One pool for all upstream traffic; raw bytes only (`auto_decompress=False`)."""
+def make_session(read_timeout: float = READ_TIMEOUT) -> aiohttp.ClientSession:
+    """One pool for all upstream traffic; raw bytes only (`auto_decompress=False`).
+
+    No total timeout (a large layer takes what it takes), but a silent upstream is given up
+    after `read_timeout` and the download resumed with Range from a fresh request."""
     return aiohttp.ClientSession(
-        timeout=TIMEOUT,
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=10, sock_connect=10, sock_read=read_timeout
+        ),
         auto_decompress=False,
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
         headers={"User-Agent": "mirror/0.1 (+pull-through cache)", "Accept-Encoding": "identity"},

@@ -514,3 +514,32 @@ async def test_upstream_downloads_beyond_the_cap_wait_their_turn(hub, start_mirr
     for (status, _, body), image in zip(answers, blobs, strict=True):
         assert status == 200 and body == image.layers()[0].data
     assert hub.cdn_peak == 2, f"{hub.cdn_peak} upstream transfers at once with a cap of 2"
+
+
+async def test_a_silent_upstream_is_dropped_and_resumed(hub, start_mirror, http):
+    image = make_image([{"stall.bin": random_bytes(3 * MiB, 81)}])
+    layer = image.layers()[0]
+    hub.add("team/stall", "v1", image)
+    base = mirror_url(await start_mirror(hub.registry_url, upstream_read_timeout=0.5))
+    hub.stall_after, hub.stalls_left = 1 * MiB, 1
+    status, _, body = await get(http, f"{base}/v2/team/stall/blobs/{layer.digest}")
+    assert status == 200 and body == layer.data
+    ranges = [r.headers.get("Range") for r in hub.blob_gets(layer.digest)]
+    assert len(ranges) == 2 and ranges[1] and ranges[1].startswith("bytes=")
+
+
+async def test_a_cdn_that_keeps_failing_is_a_clean_error_and_caches_nothing(
+    hub, start_mirror, http, tmp_path
+):
+    image = make_image([{"broken.bin": random_bytes(MiB, 82)}])
+    layer = image.layers()[0]
+    hub.add("team/broken", "v1", image)
+    data = tmp_path / "mirror-data"
+    base = mirror_url(await start_mirror(hub.registry_url, data=data))
+    hub.cdn_broken.add(layer.digest)
+    status, _, body = await get(http, f"{base}/v2/team/broken/blobs/{layer.digest}")
+    assert status == 503 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    assert not any(layer.digest[7:] in p.name for p in data.rglob("*"))
+    hub.cdn_broken.clear()  # and once it recovers, the blob pulls
+    status, _, body = await get(http, f"{base}/v2/team/broken/blobs/{layer.digest}")
+    assert status == 200 and body == layer.data
