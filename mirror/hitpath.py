@@ -128,6 +128,12 @@ class HitAnswers:
         return response
 
 
+def _may_be_read(buffer: bytes) -> bool:
+    """Could this be the start of a GET or HEAD request line?"""
+    head = buffer[:5]
+    return b"GET ".startswith(head[:4]) or b"HEAD ".startswith(head)
+
+
 class HitPathProtocol(asyncio.Protocol):
     """Answers memory hits itself until the first request it cannot; then aiohttp has it all."""
 
@@ -152,6 +158,8 @@ class HitPathProtocol(asyncio.Protocol):
             return
         buffer = self._buffer + data
         while buffer:
+            if not _may_be_read(buffer):
+                break  # not a GET/HEAD (or not HTTP at all, e.g. a TLS hello): aiohttp answers
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(buffer) > MAX_HEAD:

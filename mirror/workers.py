@@ -12,6 +12,7 @@ lock files and the shared state (see shared.py) and the SQLite index (WAL).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -71,13 +72,17 @@ def supervise(config: Config, argv: Sequence[str]) -> int:
         nonlocal stopping
         stopping = True
         for proc in workers.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
+            if proc.returncode is None:  # os.kill, not send_signal: that would reap (poll)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     while workers:
-        pid, status = os.wait()
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
         number = next((n for n, p in workers.items() if p.pid == pid), None)
         if number is None:
             continue

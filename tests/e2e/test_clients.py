@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import aiohttp
 import pytest
 
 from tests.conftest import StartMirror
@@ -17,6 +18,7 @@ from tests.fixtures.images import Image, make_image, multiarch_image, random_byt
 from tests.fixtures.procs import (
     containerd,
     dockerd,
+    mirror_process,
     need,
     run,
     skopeo_pull_and_verify,
@@ -100,3 +102,30 @@ async def test_dockerd_pulls_only_through_the_mirror_with_the_documented_daemon_
             repo = ref.split(":")[0]
             assert f"{repo}@{image.digest}" in inspect[0]["RepoDigests"], inspect[0]["RepoDigests"]
     served_from_mirror(hub, images["library/busybox:1.36"])
+
+
+async def test_warm_pulls_through_a_mirror_process_use_the_hit_path(hub, images, tmp_path):
+    """A real `mirror serve` (two workers, memory hit path): every client pulls twice."""
+    async with mirror_process(tmp_path / "data", hub.registry_url) as mirror:
+        host = mirror.url.removeprefix("http://")
+        for attempt in ("cold", "warm"):
+            for ref, image in images.items():
+                out = tmp_path / attempt / ref.replace("/", "_").replace(":", "_")
+                await skopeo_pull_and_verify(f"{host}/{ref}", out, image)
+        hosts = tmp_path / "certs.d"
+        (hosts / "docker.io").mkdir(parents=True)
+        (hosts / "docker.io" / "hosts.toml").write_text(snippet("containerd-hosts-docker-io", host))
+        async with containerd() as ctd:
+            ctr = ("ctr", "--address", ctd.address, "--namespace", "warm")
+            for ref, image in images.items():
+                await run(*ctr, "images", "pull", "--hosts-dir", str(hosts), "--platform",
+                          "linux/amd64", "--snapshotter", "native", f"docker.io/{ref}")  # fmt: skip
+                assert image.digest in await run(*ctr, "images", "ls")
+        async with aiohttp.ClientSession() as http, http.get(f"{mirror.url}/metrics") as resp:
+            metrics = await resp.text()
+    hits = [
+        float(line.split()[-1]) for line in metrics.splitlines()
+        if line.startswith("mirror_requests_total") and 'kind="manifest"' in line
+        and 'result="hit"' in line
+    ]  # fmt: skip
+    assert sum(hits) >= len(images), metrics

@@ -105,3 +105,15 @@ async def test_private_content_held_in_memory_is_not_served(hub: FakeHub, tmp_pa
             ) as resp:
                 assert resp.status == 401, ref
                 assert image.top.data not in await resp.read()
+
+
+async def test_a_tls_hello_on_the_plain_port_is_refused_at_once(hub: FakeHub, tmp_path):
+    """skopeo and podman try TLS first against an `insecure` registry; they must be told no
+    at once (aiohttp's 400), not left waiting for a request head that never comes."""
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--workers", "1") as mirror:
+        host, port = mirror.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32)
+        answer = await asyncio.wait_for(reader.read(100), timeout=2)
+        writer.close()
+    assert answer.split(b" ", 2)[1] == b"400", answer
