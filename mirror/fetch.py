@@ -19,6 +19,7 @@ workers still cause one upstream transfer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -52,6 +53,7 @@ MAX_RESUMES = 5
 RESUME_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0)
 CDN_EXPIRED = {403, 404, 410}  # a signed CDN URL that expired: ask the registry again
 FOLLOW_POLL = 0.005  # seconds between looks at another worker's download
+RELAY_WINDOW = 64 * 1024 * 1024  # bytes kept in memory for readers once the disk is full
 
 
 @dataclass(slots=True)
@@ -71,6 +73,11 @@ class InflightFetch:
         self.received = 0
         self.verified = False
         self.error: BaseException | None = None
+        # After a disk-full error: the file holds bytes up to disk_end, later ones are relayed
+        # from a bounded window in memory (readers at the live edge never notice).
+        self.disk_end: int | None = None
+        self._tail: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._tail_bytes = 0
         loop = asyncio.get_running_loop()
         self._started: asyncio.Future[None] = loop.create_future()
         self._progress: asyncio.Future[None] = loop.create_future()
@@ -84,6 +91,21 @@ class InflightFetch:
     def advanced(self, received: int) -> None:
         self.received = received
         self._wake()
+
+    def relay(self, disk_end: int, offset: int, data: bytes) -> None:
+        self.disk_end = disk_end
+        if data:
+            self._tail.append((offset, data))
+            self._tail_bytes += len(data)
+            while self._tail_bytes > RELAY_WINDOW and len(self._tail) > 1:
+                self._tail_bytes -= len(self._tail.popleft()[1])
+
+    def read_tail(self, pos: int, count: int) -> bytes:
+        """Relayed bytes from `pos`; a reader that fell behind the window is dropped."""
+        for offset, data in self._tail:
+            if offset <= pos < offset + len(data):
+                return data[pos - offset : pos - offset + count]
+        raise ConnectionResetError("reader fell behind a download relayed from memory")
 
     def verified_whole(self) -> None:
         """The digest matched: readers may send their last byte (durability comes after)."""
@@ -333,6 +355,16 @@ class BlobFetcher:
             # Clients get their last byte once the bytes are proven right, not once they are
             # durable: fsync of a large layer can take longer than its download.
             writer.verify()
+            if writer.relaying:  # the disk filled up: the readers got it all, nothing is kept
+                log.warning(
+                    "disk full while caching blob %s: relayed to its clients, not cached; "
+                    "misses are served from upstream without caching for %ds",
+                    fetch.digest, self._store.FULL_FOR,
+                )  # fmt: skip
+                claim.note(error={"status": 503, "code": "UNAVAILABLE", "message": "disk full"})
+                fetch.verified_whole()
+                writer.discard()
+                return
             fetch.verified_whole()
             claim.note(temp=writer.temp_path.name, size=fetch.size, verified=True)
             await self._evictor.make_room(writer.received)
@@ -416,7 +448,9 @@ class BlobFetcher:
                             chunk, skip = chunk[cut:], skip - cut
                             if not chunk:
                                 continue
-                        writer.write(chunk)
+                        rest = writer.write(chunk)
+                        if writer.relaying:
+                            fetch.relay(writer.on_disk, writer.received - len(rest), rest)
                         UPSTREAM_BYTES.inc(len(chunk))
                         if fetch.size is not None and writer.received > fetch.size:
                             raise DigestMismatch(fetch.digest, "more bytes than announced")

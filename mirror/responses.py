@@ -241,8 +241,15 @@ async def send_inflight_blob(
             fetch.check()
             limit = fetch.readable_until(end)
             if pos < limit:
-                await _send(request, resp, f, pos, limit - pos, size is not None, source)
-                pos = limit
+                if fetch.disk_end is not None and pos >= fetch.disk_end:
+                    data = fetch.read_tail(pos, limit - pos)  # the disk filled up: from memory
+                    await resp.write(data)
+                    _count(source, len(data))
+                    pos += len(data)
+                    continue
+                stop = limit if fetch.disk_end is None else min(limit, fetch.disk_end)
+                await _send(request, resp, f, pos, stop - pos, size is not None, source)
+                pos = stop
                 continue
             if fetch.verified and pos >= (end if end is not None else fetch.received):
                 break

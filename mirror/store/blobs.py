@@ -107,16 +107,33 @@ class BlobWriter:
             self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
         )
         self.received = 0
+        self.on_disk = 0  # bytes in the file: fewer than received once the disk filled up
+        self.relaying = False
+        self._store = store
 
-    def write(self, chunk: bytes) -> None:
-        """Append synchronously: a page-cache write of one chunk costs microseconds."""
+    def write(self, chunk: bytes) -> bytes:
+        """Append synchronously: a page-cache write of one chunk costs microseconds.
+
+        Once the disk is full (ENOSPC) the writer keeps hashing but stops writing: it returns
+        what did not reach the file, for the caller to relay, and it can no longer commit."""
         assert self._fd is not None
-        view = memoryview(chunk)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        rest = chunk
+        if not self.relaying:
+            view = memoryview(chunk)
+            try:
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+                    self.on_disk += written
+                rest = b""
+            except OSError as exc:
+                if not self._store.note_if_full(exc):
+                    raise
+                self.relaying = True
+                rest = bytes(view)
         self._hash.update(chunk)
         self.received += len(chunk)
+        return rest
 
     def actual_digest(self) -> str:
         return f"{self._hash.name}:{self._hash.hexdigest()}"
@@ -134,6 +151,8 @@ class BlobWriter:
         and the return, so a caller can switch its readers to the final path atomically.
         """
         self.verify()
+        if self.relaying:
+            raise OSError(errno.ENOSPC, "disk full: not all of it reached the file")
         fd = self._fd
         assert fd is not None
         await asyncio.to_thread(os.fsync, fd)
