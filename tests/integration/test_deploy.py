@@ -35,7 +35,8 @@ ALL_FEATURES: dict[str, Any] = {
     "registries": {
         "ghcr.io": {"url": "https://ghcr.io", "username": "bot", "existingSecret": "ghcr-token",
                     "existingSecretKey": "token", "tagTTL": "10m"},
-        "quay.io": {"url": "https://quay.io", "username": "q", "password": QUAY_PASSWORD},
+        "quay.io": {"url": "https://quay.io", "username": "q", "password": QUAY_PASSWORD,
+                    "private": "passthrough"},
     },
     "config": {"maxAge": "30d", "maxSize": "90GiB", "logFormat": "text"},
     "tls": {"enabled": True, "secretName": "mirror-tls"},
@@ -170,6 +171,8 @@ def test_credentials_live_only_in_a_secret_mounted_as_files(tmp_path: Path) -> N
     assert config.max_age == 30 * 86400 and config.max_size == 90 * 1024**3
     assert config.tls_cert == Path("/etc/mirror/tls/tls.crt")
     assert config.workers == 2  # not the node's core count: the pod's limits set the budget
+    assert config.registries["quay.io"].private == "passthrough"
+    assert config.registries["docker.io"].private == "deny"
 
 
 def test_no_secret_without_passwords() -> None:
@@ -191,6 +194,7 @@ def test_no_secret_without_passwords() -> None:
         {"upstream": {"pasword": "typo"}},
         {"service": {"nodePort": 80}},
         {"config": {"workers": 0}},
+        {"upstream": {"private": "allow"}},
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict[str, Any]) -> None:
