@@ -26,6 +26,8 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping
 
+from cachetools import LRUCache
+
 from mirror.errors import RegistryError
 from mirror.singleflight import SingleFlight
 from mirror.upstream.client import RegistryClient, is_transient
@@ -50,9 +52,10 @@ class Visibility:
         self._anonymous = anonymous
         self._as_client = as_client
         self._clock = clock
-        self._known: dict[Key, tuple[bool, float]] = {}
+        # Bounded: every name a client asks for can become an entry (least recently used out).
+        self._known: LRUCache[Key, tuple[bool, float]] = LRUCache(100_000)
         self._probes: SingleFlight[Key, bool] = SingleFlight()
-        self._clients: dict[ClientKey, tuple[bool, float]] = {}
+        self._clients: LRUCache[ClientKey, tuple[bool, float]] = LRUCache(10_000)
         self._client_probes: SingleFlight[ClientKey, bool] = SingleFlight()
 
     @property
