@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,8 @@ _DELEGATE = frozenset(
     (b"if-none-match", b"if-match", b"range", b"content-length", b"transfer-encoding",
      b"expect", b"upgrade", b"authorization")
 )  # fmt: skip
+
+_ACCESS = logging.getLogger("aiohttp.access")  # the logger aiohttp's own access lines use
 
 # Pure and small: a hit path sees the same few thousand paths over and over.
 _route = functools.lru_cache(maxsize=8192)(parse_v2_path)
@@ -117,14 +120,7 @@ class HitAnswers:
         counter, duration = observers("manifest", method, "hit")
         counter.inc()
         duration.observe(elapsed)
-        ACCESS_LOG.add(
-            "aiohttp.access",
-            f"{remote} {method} {path} 200 {len(response)}B {elapsed:.3f}s hit",
-            None if not ACCESS_LOG.json else {
-                "remote": remote, "method": method, "path": path, "status": 200,
-                "bytes": len(response), "duration_s": round(elapsed, 6), "cache": "hit",
-            },
-        )  # fmt: skip
+        ACCESS_LOG.request(_ACCESS, remote, method, path, 200, len(response), elapsed, "hit")
         return response
 
 

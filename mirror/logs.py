@@ -85,6 +85,20 @@ class AccessLogSink:
             self._scheduled = True
             asyncio.get_running_loop().call_later(self.FLUSH_AFTER, self.flush)
 
+    def request(
+        self, logger: logging.Logger, remote: str | None, method: str, path: str, status: int,
+        size: int, duration: float, cache: str,
+    ) -> None:  # fmt: skip
+        """One access line, from aiohttp's access logger and from the hit path alike."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        message = f"{remote} {method} {path} {status} {size}B {duration:.3f}s {cache}"
+        fields = None
+        if self.json:
+            fields = {"remote": remote, "method": method, "path": path, "status": status,
+                      "bytes": size, "duration_s": round(duration, 6), "cache": cache}  # fmt: skip
+        self.add(logger.name, message, fields)
+
     def flush(self) -> None:
         self._scheduled = False
         if self._lines:
@@ -101,13 +115,7 @@ class AccessLogger(AbstractAccessLogger):
     """`GET /v2/library/alpine/manifests/3.19 200 1234B 0.004s hit` (or the same as JSON fields)."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        if not self.logger.isEnabledFor(logging.INFO):
-            return
-        remote, method, path, status = request.remote, request.method, request.path, response.status
-        size, cache = response.body_length, request.get("cache", "-")
-        message = f"{remote} {method} {path} {status} {size}B {time:.3f}s {cache}"
-        fields = None
-        if ACCESS_LOG.json:
-            fields = {"remote": remote, "method": method, "path": path, "status": status,
-                      "bytes": size, "duration_s": round(time, 6), "cache": cache}  # fmt: skip
-        ACCESS_LOG.add(self.logger.name, message, fields)
+        ACCESS_LOG.request(
+            self.logger, request.remote, request.method, request.path, response.status,
+            response.body_length, time, request.get("cache", "-"),
+        )  # fmt: skip
