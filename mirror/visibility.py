@@ -124,9 +124,9 @@ class Visibility:
                 status = await _status(client, repository, probe)
             finally:
                 await client.close()
-            if status >= 500 or status == 429:
+            allowed = _may_pull(status)
+            if allowed is None:
                 raise RegistryError.unavailable("cannot check these credentials upstream now")
-            allowed = status < 300 or status == 404
             self._clients[key] = (allowed, self._clock() + CLIENT_TTL)
             return allowed
 
@@ -141,14 +141,21 @@ class Visibility:
             if is_transient(exc) and known is not None:
                 return known[0]  # upstream down: the last answer stands (stale-if-error)
             raise
-        if status >= 500 or status == 429:
+        public = _may_pull(status)
+        if public is None:
             if known is not None:
                 return known[0]
             raise RegistryError.unavailable("cannot tell whether this repository is public")
-        # 2xx, or a 404 the anonymous client was allowed to see: public. 401/403: not.
-        public = status < 300 or status == 404
         self._known[key] = (public, self._clock() + TTL)
         return public
+
+
+def _may_pull(status: int) -> bool | None:
+    """The upstream's answer to a probe: 2xx, or a 404 the asker was allowed to see, means it
+    may pull; 401/403 mean not; 5xx and 429 tell nothing (None)."""
+    if status >= 500 or status == 429:
+        return None
+    return status < 300 or status == 404
 
 
 async def _status(client: RegistryClient, repository: str, probe: str) -> int:
