@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,23 +10,10 @@ import aiohttp
 from mirror import hitpath
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import small_image
-from tests.fixtures.procs import mirror_process
+from tests.fixtures.procs import memory_mib, mirror_process
 from tests.integration.test_pull_path import ALL_TYPES
 
 SLOW = 300
-
-
-def rss_mib(pid: int) -> float:
-    pids = [pid] + [
-        int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
-        if p.read_text().rsplit(")", 1)[1].split()[1] == str(pid)
-    ]  # fmt: skip
-    total = 0
-    for p in pids:
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
 
 
 async def test_hundreds_of_slowloris_clients_keep_memory_flat(hub: FakeHub, tmp_path):
@@ -37,7 +23,7 @@ async def test_hundreds_of_slowloris_clients_keep_memory_flat(hub: FakeHub, tmp_
         url = f"{mirror.url}/v2/library/alpine/manifests/3.19"
         async with aiohttp.ClientSession() as http, http.get(url, headers={"Accept": ALL_TYPES}):
             pass
-        before = rss_mib(mirror.proc.pid)
+        before = memory_mib(mirror.proc.pid)
         host, port = mirror.url.removeprefix("http://").split(":")
         writers = []
         for _ in range(SLOW):
@@ -48,7 +34,7 @@ async def test_hundreds_of_slowloris_clients_keep_memory_flat(hub: FakeHub, tmp_
         for writer in writers:
             writer.write(b"a" * 100)  # still dribbling
         await asyncio.sleep(0.5)
-        after = rss_mib(mirror.proc.pid)
+        after = memory_mib(mirror.proc.pid)
         # Meanwhile everyone else is served at once.
         async with (
             aiohttp.ClientSession() as http,
