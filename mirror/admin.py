@@ -1,12 +1,21 @@
 """The admin API, on its own listener (127.0.0.1:5001 by default) so it never faces the LAN.
 
 Behind `mirror stats`, `pin`, `unpin` and `purge`: what only the running server can do, because
-it owns the cache's usage figures, the eviction lock and the counters.
+it owns the cache's usage figures, the eviction lock and the counters. The web page's buttons
+post the same endpoints as HTML forms and are sent back to the page they came from.
+
+A browser on the operator's machine can be made to post to 127.0.0.1 by any web site, so
+requests that change something and come from a browser (they carry Origin or Sec-Fetch-Site)
+must come from this listener's own page, addressed by an IP address or a local host name
+(which also defeats DNS rebinding). The CLI sends neither header.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -17,6 +26,7 @@ from mirror.keys import CONFIG, EVICTOR, INDEX, RESOLVER
 from mirror.mediatypes import INDEX_TYPES, references
 from mirror.metrics import registry
 from mirror.reference import parse_image
+from mirror.web.pages import WebPages
 
 MAIN = web.AppKey("main", web.Application)
 
@@ -25,7 +35,12 @@ def _counter(metrics: CollectorRegistry, name: str, **labels: str) -> float:
     return metrics.get_sample_value(name, labels) or 0.0
 
 
+FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
 async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_type in FORMS:
+        return {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
     try:
         body = await request.json()
     except ValueError:
@@ -85,13 +100,14 @@ async def pin(request: web.Request) -> web.Response:
             await resolver.resolve(registry, repository, child, frozenset())
     closure = await main[INDEX].closure(top.digest)
     await main[INDEX].pin(registry, repository, reference, set(closure))
-    return web.json_response(
+    return await _reply(
+        request,
         {
             "image": f"{registry}/{repository}:{reference}",
             "digest": top.digest,
             "pinned_digests": len(closure),
             "bytes": sum(closure.values()),
-        }
+        },
     )
 
 
@@ -99,8 +115,8 @@ async def unpin(request: web.Request) -> web.Response:
     main = request.app[MAIN]
     registry, repository, reference = _image(main, await _body(request))
     removed = await main[INDEX].unpin(registry, repository, reference)
-    return web.json_response(
-        {"image": f"{registry}/{repository}:{reference}", "unpinned": removed > 0}
+    return await _reply(
+        request, {"image": f"{registry}/{repository}:{reference}", "unpinned": removed > 0}
     )
 
 
@@ -133,7 +149,43 @@ async def purge(request: web.Request) -> web.Response:
         if d not in keep and await index.get_blob(d) is not None
     ]
     done = await evictor.remove(doomed)
-    return web.json_response({"removed_blobs": done.count, "removed_bytes": done.bytes})
+    return await _reply(request, {"removed_blobs": done.count, "removed_bytes": done.bytes})
+
+
+async def _reply(request: web.Request, result: dict[str, Any]) -> web.Response:
+    """JSON for the API; for a form from the web page, back to the page it was posted from."""
+    if request.content_type not in FORMS:
+        return web.json_response(result)
+    back = (await _body(request)).get("back", "/")
+    if not back.startswith("/") or back.startswith("//"):
+        back = "/"  # only this listener's own pages
+    raise web.HTTPSeeOther(back)
+
+
+def _local_host(host: str) -> bool:
+    name = urlsplit(f"//{host}").hostname or ""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name in ("localhost", socket.gethostname().lower())
+
+
+@web.middleware
+async def same_origin(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Refuse browser requests that change something unless they come from this listener."""
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        origin = request.headers.get("Origin")
+        site = request.headers.get("Sec-Fetch-Site")
+        from_browser = origin is not None or site is not None
+        if from_browser and (
+            site not in (None, "same-origin", "none")
+            or (origin is not None and urlsplit(origin).netloc != request.host)
+            or not _local_host(request.host)
+        ):
+            raise RegistryError(403, "DENIED", "cross-site request refused")
+    response: web.StreamResponse = await handler(request)
+    return response
 
 
 @web.middleware
@@ -148,8 +200,10 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 def create_admin_app(
     main: web.Application, extra_routes: list[web.RouteDef] | None = None
 ) -> web.Application:
-    admin = web.Application(middlewares=[json_errors])
+    admin = web.Application(middlewares=[json_errors, same_origin])
     admin[MAIN] = main
+    if main[CONFIG].web_ui != "off":
+        admin.router.add_routes(WebPages(main, admin=True).routes())
     admin.router.add_get("/admin/stats", stats)
     admin.router.add_post("/admin/pin", pin)
     admin.router.add_post("/admin/unpin", unpin)

@@ -31,8 +31,11 @@ from mirror.keys import (
     INDEX,
     RESOLVER,
     STORE,
+    TRAFFIC,
     UPSTREAMS,
+    VIEWS,
     VISIBILITY,
+    WEBHOOKS,
 )  # fmt: skip
 from mirror.logs import AccessLogger
 from mirror.manifests import ManifestResolver
@@ -43,9 +46,13 @@ from mirror.recovery import recover
 from mirror.shared import SharedState
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
+from mirror.traffic import TrafficRecorder
 from mirror.upstream.auth import TokenCache
 from mirror.upstream.client import RegistryClient, make_session
 from mirror.visibility import Visibility
+from mirror.web.images import ImageViews
+from mirror.web.pages import WebPages
+from mirror.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +138,20 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
             SharedState(config.data_dir / "state"),
         )
     access = AccessTracker(index)
+    webhooks = Webhooks(config.webhooks)
+    events = webhooks.emit
     evictor = Evictor(
         index, store, access, config.max_size,
         {name: reg.tag_ttl for name, reg in config.registries.items()}, config.max_age,
-        shared=shared, primary=worker in (None, 0),
+        shared=shared, primary=worker in (None, 0), events=events,
     )  # fmt: skip
     CACHE_MAX_BYTES.set(config.max_size)
     await evictor.start()
     session = make_session(config.upstream_read_timeout)
     tokens = TokenCache()
     clients = {
-        name: RegistryClient(reg, session, tokens) for name, reg in config.registries.items()
+        name: RegistryClient(reg, session, tokens, events)
+        for name, reg in config.registries.items()
     }
     # Registries with credentials serve only what anonymous clients could pull (visibility.py).
     anonymous = TokenCache()
@@ -157,7 +167,8 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     )  # fmt: skip
     missing = MissingCache(config.negative_ttl)
     fetcher = BlobFetcher(store, index, clients, missing, evictor, config.max_upstream_fetches)
-    resolver = ManifestResolver(index, store, clients, missing, evictor, shared)
+    resolver = ManifestResolver(index, store, clients, missing, evictor, shared, events=events)
+    traffic = TrafficRecorder(index)
 
     app = web.Application(middlewares=[observe, registry_errors], client_max_size=1024 * 1024)
     app[CONFIG] = config
@@ -169,6 +180,9 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app[EVICTOR] = evictor
     app[ACCESS] = access
     app[VISIBILITY] = visibility
+    app[TRAFFIC] = traffic
+    app[VIEWS] = ImageViews(index, store)
+    app[WEBHOOKS] = webhooks
     app[CLIENT_AUTH] = ClientAuth(
         load_htpasswd(config.auth_htpasswd) if config.auth_htpasswd else None, config.anonymous_pull
     )
@@ -179,8 +193,14 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app.router.add_route("*", "/v2", v2_root)
     app.router.add_route("*", "/v2/_catalog", catalog)  # before the catch-all below
     app.router.add_route("*", "/v2/{path:.+}", v2_dispatch)
+    if config.web_ui == "registry":
+        app.router.add_routes(WebPages(app, admin=False).routes())
+    webhooks.start()
+    traffic.start()
 
     async def shutdown(_app: web.Application) -> None:
+        await traffic.close()
+        await webhooks.close()
         await fetcher.close()
         await resolver.close()
         await visibility.close()

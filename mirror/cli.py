@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
         "--upstream-read-timeout", dest="upstream_read_timeout",
         help="drop and resume an upstream that sends nothing for this long (30s)",
     )  # fmt: skip
+    serve.add_argument(
+        "--web-ui", dest="web_ui", choices=["registry", "admin", "off"],
+        help="the web page at /: on the registry listener (default), only the admin one, or off",
+    )  # fmt: skip
+    serve.add_argument(
+        "--webhook", dest="webhooks", action="append",
+        help="POST event notifications (JSON) to this URL (repeatable)",
+    )  # fmt: skip
     serve.add_argument(WORKER_FLAG, dest="worker", help=argparse.SUPPRESS)  # set by the supervisor
     serve.add_argument("--config", help="TOML configuration file (same keys)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -95,6 +103,7 @@ _CONFIG_FLAGS = (
     "listen", "data", "upstream", "upstream_username", "upstream_password_file", "tag_ttl",
     "token_realms", "negative_ttl", "max_size", "max_age", "admin_listen", "tls_cert", "tls_key",
     "workers", "auth_htpasswd", "anonymous_pull", "max_upstream_fetches", "upstream_read_timeout",
+    "web_ui", "webhooks",
 )  # fmt: skip
 
 

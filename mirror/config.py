@@ -29,6 +29,10 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names the setting."""
 
 
+WEB_UI_PLACES = ("registry", "admin", "off")
+WEBHOOK_EVENTS = ("image.cached", "tag.updated", "blob.evicted", "upstream.error")
+
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -102,6 +106,15 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """One receiver of event notifications (webhooks.py)."""
+
+    url: str
+    events: frozenset[str] = frozenset(WEBHOOK_EVENTS)
+    secret: str | None = field(default=None, repr=False)  # signs bodies (HMAC-SHA256)
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str = "0.0.0.0"
     listen_port: int = 5000
@@ -121,6 +134,10 @@ class Config:
     anonymous_pull: bool = False  # with auth_htpasswd: clients without credentials may still pull
     max_upstream_fetches: int = 32  # blob downloads at once per registry and worker; FIFO beyond
     upstream_read_timeout: float = 30.0  # a silent upstream is dropped and resumed after this
+    # The web page: on the registry listener (read-only; pin/purge buttons on the admin one),
+    # only on the admin listener, or nowhere.
+    web_ui: str = "registry"
+    webhooks: tuple[WebhookConfig, ...] = ()
 
     @property
     def registry_names(self) -> frozenset[str]:
@@ -147,6 +164,8 @@ _SOURCES = {
     "anonymous_pull": ("MIRROR_ANONYMOUS_PULL", "anonymous_pull"),
     "max_upstream_fetches": ("MIRROR_MAX_UPSTREAM_FETCHES", "max_upstream_fetches"),
     "upstream_read_timeout": ("MIRROR_UPSTREAM_READ_TIMEOUT", "upstream_read_timeout"),
+    "web_ui": ("MIRROR_WEB_UI", "web_ui"),
+    "webhooks": ("MIRROR_WEBHOOKS", "webhooks"),
 }
 _DEFAULTS: dict[str, Any] = {
     "listen": DEFAULT_LISTEN,
@@ -167,6 +186,8 @@ _DEFAULTS: dict[str, Any] = {
     "anonymous_pull": False,
     "max_upstream_fetches": 32,
     "upstream_read_timeout": 30.0,
+    "web_ui": "registry",
+    "webhooks": (),
 }
 
 
@@ -252,11 +273,46 @@ def _registry_table(name: str, table: object, env: Mapping[str, str]) -> Registr
     )
 
 
-def _read_secret_file(path: str) -> str:
+def _read_secret_file(path: str, setting: str = "upstream_password_file") -> str:
     try:
         return Path(path).read_text().strip("\r\n")
     except OSError as exc:
-        raise ConfigError(f"upstream_password_file: cannot read {path}: {exc.strerror}") from exc
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from exc
+
+
+_WEBHOOK_KEYS = {"url", "events", "secret_file"}
+
+
+def parse_webhooks(value: object) -> tuple[WebhookConfig, ...]:
+    """URLs (a list, or comma-separated from a flag or the environment), or TOML tables
+    `{url, events, secret_file}` to choose events and sign the bodies."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError("webhooks: a list of URLs or of tables with a url")
+    hooks: list[WebhookConfig] = []
+    for n, item in enumerate(items):
+        setting = f"webhooks[{n}]"
+        table: dict[str, Any] = {"url": item} if isinstance(item, str) else item
+        if not isinstance(table, dict) or not isinstance(table.get("url"), str):
+            raise ConfigError(f"{setting}: a URL, or a table with a url")
+        unknown = set(table) - _WEBHOOK_KEYS
+        if unknown:
+            raise ConfigError(f"{setting}: unknown key(s): {', '.join(sorted(unknown))}")
+        url = table["url"].strip()
+        if not url:
+            continue
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{setting}: {url!r} must be an http(s) URL")
+        events = table.get("events", list(WEBHOOK_EVENTS))
+        if not isinstance(events, list) or not set(events) <= set(WEBHOOK_EVENTS) or not events:
+            raise ConfigError(f"{setting}.events: some of {', '.join(WEBHOOK_EVENTS)}")
+        secret_file = table.get("secret_file")
+        secret = (
+            _read_secret_file(str(secret_file), f"{setting}.secret_file") if secret_file else None
+        )
+        hooks.append(WebhookConfig(url, frozenset(events), secret))
+    return tuple(hooks)
 
 
 def load_config(
@@ -330,6 +386,9 @@ def load_config(
     max_fetches = pick("max_upstream_fetches")
     if not str(max_fetches).isdigit() or int(max_fetches) < 1:
         raise ConfigError(f"max_upstream_fetches: {max_fetches!r} must be a whole number, >= 1")
+    web_ui = pick("web_ui")
+    if web_ui not in WEB_UI_PLACES:
+        raise ConfigError(f'web_ui: {web_ui!r} must be "registry", "admin" or "off"')
     tls_cert, tls_key = pick("tls_cert"), pick("tls_key")
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("tls_cert and tls_key: give both (the certificate chain and its key)")
@@ -357,6 +416,8 @@ def load_config(
         anonymous_pull=anonymous_pull,
         max_upstream_fetches=int(max_fetches),
         upstream_read_timeout=read_timeout,
+        web_ui=web_ui,
+        webhooks=parse_webhooks(pick("webhooks")),
     )
     passthrough = [r.name for r in config.registries.values() if r.private == "passthrough"]
     if config.auth_htpasswd and passthrough:

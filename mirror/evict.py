@@ -24,6 +24,7 @@ from mirror.metrics import CACHE_BLOBS, CACHE_BYTES, CACHE_MANIFESTS, EVICTED_BY
 from mirror.shared import FileLock, SharedState
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
+from mirror.webhooks import EventSink, ignore_event
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ class Evictor:
         *,
         shared: SharedState,
         primary: bool = True,
+        events: EventSink = ignore_event,
     ) -> None:
+        self._events = events
         self._index = index
         self._store = store
         self._access = access
@@ -106,15 +109,17 @@ class Evictor:
     async def expire(self, unused_for: float) -> Evicted:
         """Evict everything not used for `unused_for` seconds (pins and fresh tags excepted)."""
         async with self._lock.hold():
-            return await self._evict(lambda _usage: True, unused_before=time.time() - unused_for)
+            return await self._evict(
+                lambda _usage: True, unused_before=time.time() - unused_for, reason="max_age"
+            )
 
     async def remove(self, digests: list[tuple[str, int]]) -> Evicted:
         """Delete these blobs now (purge), whatever their age."""
         async with self._lock.hold():
-            return await self._delete(digests)
+            return await self._delete(digests, "purge")
 
     async def _evict(
-        self, over: Callable[[int], bool], unused_before: float | None = None
+        self, over: Callable[[int], bool], unused_before: float | None = None, reason: str = "size"
     ) -> Evicted:
         await self._access.flush()
         total = Evicted(0, 0)
@@ -135,7 +140,7 @@ class Evictor:
                     break
                 chosen.append((digest, size))
                 projected -= size
-            done = await self._delete(chosen)
+            done = await self._delete(chosen, reason)
             total = Evicted(total.count + done.count, total.bytes + done.bytes)
         if total.count:
             log.info(
@@ -144,7 +149,7 @@ class Evictor:
             )  # fmt: skip
         return total
 
-    async def _delete(self, blobs: list[tuple[str, int]]) -> Evicted:
+    async def _delete(self, blobs: list[tuple[str, int]], reason: str) -> Evicted:
         for digest, _ in blobs:
             self._store.path(digest).unlink(missing_ok=True)
         await self._index.forget_blobs([d for d, _ in blobs])
@@ -153,6 +158,8 @@ class Evictor:
         CACHE_BYTES.set(self._shared.add_usage(-freed))
         EVICTIONS.inc(len(blobs))
         EVICTED_BYTES.inc(freed)
+        for digest, size in blobs:
+            self._events("blob.evicted", {"digest": digest, "size": size, "reason": reason})
         return Evicted(len(blobs), freed)
 
     async def refresh_counts(self) -> None:

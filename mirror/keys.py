@@ -12,8 +12,11 @@ from mirror.fetch import BlobFetcher
 from mirror.manifests import ManifestResolver
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
+from mirror.traffic import TrafficRecorder
 from mirror.upstream.client import RegistryClient
 from mirror.visibility import Visibility
+from mirror.web.images import ImageViews
+from mirror.webhooks import Webhooks
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", BlobStore)
@@ -24,4 +27,7 @@ RESOLVER = web.AppKey("resolver", ManifestResolver)
 EVICTOR = web.AppKey("evictor", Evictor)
 ACCESS = web.AppKey("access", AccessTracker)
 VISIBILITY = web.AppKey("visibility", Visibility)
+TRAFFIC = web.AppKey("traffic", TrafficRecorder)
+VIEWS = web.AppKey("views", ImageViews)
+WEBHOOKS = web.AppKey("webhooks", Webhooks)
 CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)

@@ -48,6 +48,7 @@ from mirror.upstream.client import (
     status_error,
     upstream_error,
 )
+from mirror.webhooks import EventSink, ignore_event
 
 Result = Literal["hit", "miss", "stale", "coalesced"]
 
@@ -78,8 +79,10 @@ class ManifestResolver:
         evictor: Evictor,
         shared: SharedState,
         clock: Callable[[], float] = time.time,
+        events: EventSink = ignore_event,
     ) -> None:
         self._index = index
+        self._events = events
         self._shared = shared
         self._generation = shared.generation
         self._memory: LRUCache[FlightKey, Manifest] = LRUCache(MEMORY_BYTES, _manifest_size)
@@ -193,10 +196,20 @@ class ManifestResolver:
             self._fresh[(registry, repository, tag)] = (row.digest, row.confirmed)
         return cached
 
-    async def _set_tag(self, registry: str, repository: str, tag: str, digest: str) -> None:
+    async def _set_tag(
+        self, registry: str, repository: str, tag: str, digest: str, previous: TagRow | None
+    ) -> None:
+        """Record what upstream just confirmed; a changed digest is a `tag.updated` event
+        (once: revalidation holds the tag's cross-worker lock)."""
         now = self._clock()
         await self._index.set_tag(registry, repository, tag, digest, now)
         self._fresh[(registry, repository, tag)] = (digest, now)
+        if previous is not None and previous.digest != digest:
+            self._events(
+                "tag.updated",
+                {"registry": registry, "repository": repository, "tag": tag,
+                 "previous_digest": previous.digest, "digest": digest},
+            )  # fmt: skip
 
     async def _delete_tag(self, registry: str, repository: str, tag: str) -> None:
         self._fresh.pop((registry, repository, tag), None)
@@ -254,7 +267,7 @@ class ManifestResolver:
                 if digest != cached.digest:
                     cached, _ = await self._by_digest(registry, repository, digest, accept)
                     result = "miss"
-                await self._set_tag(registry, repository, tag, cached.digest)
+                await self._set_tag(registry, repository, tag, cached.digest, row)
                 return cached, result
             if status == 404:
                 await self._delete_tag(registry, repository, tag)
@@ -272,7 +285,7 @@ class ManifestResolver:
             if exc.status == 404 and row is not None:
                 await self._delete_tag(registry, repository, tag)
             raise
-        await self._set_tag(registry, repository, tag, manifest.digest)
+        await self._set_tag(registry, repository, tag, manifest.digest, row)
         return manifest, "miss"
 
     async def _fetch(self, registry: str, repository: str, reference: str, accept: str) -> Manifest:
@@ -321,6 +334,12 @@ class ManifestResolver:
         )
         if reserved and not new:
             self._evictor.release(reserved)
+        if new:
+            self._events(
+                "image.cached",
+                {"registry": registry, "repository": repository, "reference": reference,
+                 "digest": digest, "media_type": media_type, "size": len(data)},
+            )  # fmt: skip
         manifest = Manifest(digest, media_type, data)
         self._memory[(registry, repository, digest)] = manifest
         return manifest

@@ -120,6 +120,16 @@ DIGEST_MISMATCHES = Counter(
 UPSTREAM_RESUMES = Counter(
     "mirror_upstream_resumes_total", "Blob downloads resumed with Range after an interruption"
 )
+WEBHOOK_EVENTS = Counter(
+    "mirror_webhook_events_total",
+    "Webhook events by outcome: delivered, abandoned (retries spent), dropped (queue full)",
+    ["event", "result"],
+)
+WEBHOOK_FAILURES = Counter(
+    "mirror_webhook_delivery_failures_total",
+    "Webhook delivery attempts that failed (no answer, or not 2xx); each is retried",
+    ["event"],
+)
 BUILD_INFO = Gauge(
     "mirror_build_info", "Always 1; the version as a label", ["version"], multiprocess_mode="max"
 )

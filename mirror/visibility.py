@@ -63,6 +63,11 @@ class Visibility:
         """Whether `/v2/` should invite credentials (clients such as Docker learn it there)."""
         return any(c.registry.private == "passthrough" for c in self._anonymous.values())
 
+    @property
+    def gated(self) -> bool:
+        """Whether some registry's repositories must be known public before they are shown."""
+        return bool(self._anonymous)
+
     async def close(self) -> None:
         await self._probes.close()
         await self._client_probes.close()

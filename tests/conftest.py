@@ -39,7 +39,9 @@ def mirror_config(
     private: str = "deny",
     max_upstream_fetches: int = 32,
     upstream_read_timeout: float = 30.0,
+    **settings: object,
 ) -> Config:
+    """A loopback mirror's Config; `settings` are further Config fields (web_ui, webhooks...)."""
     hub = RegistryConfig(DOCKER_HUB, upstream, username, password, tag_ttl, token_realms, private)
     return Config(
         listen_host="127.0.0.1",
@@ -50,6 +52,7 @@ def mirror_config(
         max_size=max_size,
         max_upstream_fetches=max_upstream_fetches,
         upstream_read_timeout=upstream_read_timeout,
+        **settings,  # type: ignore[arg-type]
     )
 
 

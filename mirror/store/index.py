@@ -56,7 +56,52 @@ CREATE TABLE IF NOT EXISTS tags (
     confirmed   REAL NOT NULL,
     PRIMARY KEY (registry, repository, tag)
 );
+CREATE TABLE IF NOT EXISTS traffic (
+    hour            INTEGER PRIMARY KEY,  -- unix time // 3600
+    cache_bytes     INTEGER NOT NULL DEFAULT 0,  -- blob bytes served without crossing the internet
+    upstream_bytes  INTEGER NOT NULL DEFAULT 0,  -- blob bytes served from a download they started
+    hits            INTEGER NOT NULL DEFAULT 0,  -- manifest and blob requests answered locally
+    misses          INTEGER NOT NULL DEFAULT 0
+);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    cache_bytes: int = 0
+    upstream_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(
+            self.cache_bytes + other.cache_bytes,
+            self.upstream_bytes + other.upstream_bytes,
+            self.hits + other.hits,
+            self.misses + other.misses,
+        )
+
+    def __sub__(self, other: Traffic) -> Traffic:
+        return self + Traffic(-other.cache_bytes, -other.upstream_bytes, -other.hits, -other.misses)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRow:
+    """A cached tag as the web page lists it."""
+
+    registry: str
+    repository: str
+    tag: str
+    digest: str
+    media_type: str
+    last_access: float
+    pinned: bool
+
+
+def _like(text: str) -> str:
+    """A LIKE pattern matching `text` anywhere, its own % and _ taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +329,112 @@ class Index:
             keys = ("registry", "repository", "tag", "digest", "confirmed", "media_type",
                     "last_access", "pinned")  # fmt: skip
             return [dict(zip(keys, row, strict=True)) async for row in cur]
+
+    # -- what the web page shows ------------------------------------------------------------------
+    async def search_images(self, text: str, offset: int, limit: int) -> tuple[int, list[ImageRow]]:
+        """Cached tags whose `registry/repository:tag` contains `text` (case-insensitive), one
+        page of them in name order, and how many match in all.
+
+        A substring cannot use a B-tree index; the scan is over tags only (one row per tag,
+        not per blob), which SQLite does at millions of rows a second.
+        """
+        where = ""
+        params: tuple[str, ...] = ()
+        if text:
+            where = "WHERE (t.registry || '/' || t.repository || ':' || t.tag) LIKE ? ESCAPE '\\'"
+            params = (_like(text),)
+        async with self._db.execute(f"SELECT COUNT(*) FROM tags t {where}", params) as cur:
+            row = await cur.fetchone()
+        total = int(row[0]) if row else 0
+        async with self._db.execute(
+            "SELECT t.registry, t.repository, t.tag, t.digest, COALESCE(b.media_type, ''), "
+            "COALESCE(b.last_access, 0), EXISTS (SELECT 1 FROM pins p WHERE p.digest = t.digest) "
+            f"FROM tags t LEFT JOIN blobs b ON b.digest = t.digest {where} "
+            "ORDER BY t.registry, t.repository, t.tag LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        ) as cur:
+            rows = [
+                ImageRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), float(r[5]),
+                         bool(r[6]))
+                async for r in cur
+            ]  # fmt: skip
+        return total, rows
+
+    async def blob_row(self, digest: str) -> tuple[int, str, float] | None:
+        """Size, media type and last access of an indexed blob."""
+        async with self._db.execute(
+            "SELECT size, COALESCE(media_type, ''), last_access FROM blobs WHERE digest = ?",
+            (digest,),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else (int(row[0]), str(row[1]), float(row[2]))
+
+    async def tags_of(self, registry: str, repository: str, digest: str) -> list[str]:
+        async with self._db.execute(
+            "SELECT tag FROM tags WHERE registry=? AND repository=? AND digest=? ORDER BY tag",
+            (registry, repository, digest),
+        ) as cur:
+            return [str(r[0]) async for r in cur]
+
+    async def is_pinned(self, digest: str) -> bool:
+        async with self._db.execute(
+            "SELECT 1 FROM pins WHERE digest = ? LIMIT 1", (digest,)
+        ) as cur:
+            return await cur.fetchone() is not None
+
+    async def tags_sharing(
+        self, child: str, outside: set[str], limit: int
+    ) -> tuple[int, list[str]]:
+        """Cached tags (`registry/repository:tag`) of images other than `outside` that name
+        `child`, directly or through an index: how many, and the first `limit` of them."""
+        async with self._db.execute(
+            "WITH RECURSIVE up(d) AS ("
+            "  SELECT parent FROM refs WHERE child = ?"
+            "  UNION SELECT r.parent FROM refs r JOIN up ON r.child = up.d"
+            ") SELECT t.registry || '/' || t.repository || ':' || t.tag FROM tags t "
+            "WHERE t.digest IN (SELECT d FROM up) ORDER BY 1",
+            (child,),
+        ) as cur:
+            names = [str(r[0]) async for r in cur]
+        async with self._db.execute(
+            "SELECT registry || '/' || repository || ':' || tag, digest FROM tags WHERE digest IN "
+            f"({','.join('?' * len(outside))})",
+            tuple(outside),
+        ) as cur:
+            own = {str(r[0]) async for r in cur}
+        others = [n for n in names if n not in own]
+        return len(others), others[:limit]
+
+    # -- traffic history (hourly) -----------------------------------------------------------------
+    async def add_traffic(self, hour: int, delta: Traffic) -> None:
+        await self._db.execute(
+            "INSERT INTO traffic (hour, cache_bytes, upstream_bytes, hits, misses) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(hour) DO UPDATE SET "
+            "cache_bytes = cache_bytes + excluded.cache_bytes, "
+            "upstream_bytes = upstream_bytes + excluded.upstream_bytes, "
+            "hits = hits + excluded.hits, misses = misses + excluded.misses",
+            (hour, delta.cache_bytes, delta.upstream_bytes, delta.hits, delta.misses),
+        )
+        await self._db.commit()
+
+    async def traffic_since(self, hour: int) -> dict[int, Traffic]:
+        async with self._db.execute(
+            "SELECT hour, cache_bytes, upstream_bytes, hits, misses FROM traffic "
+            "WHERE hour >= ? ORDER BY hour",
+            (hour,),
+        ) as cur:
+            return {
+                int(r[0]): Traffic(int(r[1]), int(r[2]), int(r[3]), int(r[4])) async for r in cur
+            }
+
+    async def traffic_total(self) -> Traffic:
+        async with self._db.execute(
+            "SELECT COALESCE(SUM(cache_bytes), 0), COALESCE(SUM(upstream_bytes), 0), "
+            "COALESCE(SUM(hits), 0), COALESCE(SUM(misses), 0) FROM traffic"
+        ) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return Traffic(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
     async def all_blobs(self) -> dict[str, int]:
         async with self._db.execute("SELECT digest, size FROM blobs") as cur:

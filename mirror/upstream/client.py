@@ -43,6 +43,7 @@ from mirror.upstream.auth import (
     realm_may_receive_credentials,
     token_from_response,
 )
+from mirror.webhooks import EventSink, ignore_event
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,14 @@ def is_transient(error: RegistryError) -> bool:
 
 class RegistryClient:
     def __init__(
-        self, registry: RegistryConfig, session: aiohttp.ClientSession, tokens: TokenCache
+        self,
+        registry: RegistryConfig,
+        session: aiohttp.ClientSession,
+        tokens: TokenCache,
+        events: EventSink = ignore_event,
     ) -> None:
         self.registry = registry
+        self._events = events
         self._session = session
         self._tokens = tokens
         self._host = urlsplit(registry.url).netloc.lower()
@@ -205,6 +211,7 @@ class RegistryClient:
                     await asyncio.sleep(RETRY_DELAYS[attempt])
                     attempt += 1
                     continue
+                self._upstream_error(kind, "unreachable", type(exc).__name__)
                 raise RegistryError.unavailable(
                     f"upstream unreachable: {type(exc).__name__}"
                 ) from exc
@@ -227,7 +234,16 @@ class RegistryClient:
                 await asyncio.sleep(RETRY_DELAYS[attempt])
                 attempt += 1
                 continue
+            if resp.status >= 500 or resp.status == 429:
+                self._upstream_error(kind, str(resp.status), resp.reason or "")
             return resp
+
+    def _upstream_error(self, kind: str, status: str, message: str) -> None:
+        """An `upstream.error` event once retries are spent (webhooks.py throttles them)."""
+        self._events(
+            "upstream.error",
+            {"registry": self.registry.name, "kind": kind, "status": status, "message": message},
+        )
 
     async def _send(
         self,

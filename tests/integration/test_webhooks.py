@@ -1,0 +1,200 @@
+"""Webhooks: events reach a real HTTP receiver on loopback, late receivers get them after
+retries, and nothing a receiver does slows a pull."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from prometheus_client import REGISTRY
+
+from mirror.config import WebhookConfig
+from tests.conftest import StartMirror
+from tests.fixtures.fakehub import FakeHub
+from tests.fixtures.images import small_image
+from tests.fixtures.procs import free_port
+from tests.integration.test_pull_path import mirror_url, pull
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver that can be stopped and started again on the same port."""
+
+    port: int = field(default_factory=free_port)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    delay: float = 0.0  # seconds before answering
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook?token=s3cret"
+
+    async def up(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._receive)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.2)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def down(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.bodies.append(body)
+        self.headers.append(dict(request.headers))
+        self.events.append(json.loads(body))
+        return web.Response(status=204)
+
+    def of_type(self, event_type: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == event_type]
+
+    async def wait_for(self, event_type: str, count: int = 1, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.of_type(event_type)) < count:
+            assert time.monotonic() < deadline, f"{event_type}: {self.events}"
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    found = Receiver()
+    await found.up()
+    yield found
+    await found.down()
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_first_pull_sends_image_cached_once_and_signed(
+    hub: FakeHub, start_mirror: StartMirror, receiver: Receiver, http, tmp_path
+):
+    image = small_image("hooked")
+    hub.add("team/app", "v1", image)
+    hook = WebhookConfig(receiver.url, secret="hook-secret")
+    server = await start_mirror(hub.registry_url, webhooks=(hook,))
+    base = mirror_url(server)
+    await pull(http, base, "team/app", "v1")
+    await receiver.wait_for("image.cached")
+    await pull(http, base, "team/app", "v1")  # a hit: nothing new is cached
+    await asyncio.sleep(0.3)
+    [event] = receiver.of_type("image.cached")
+    assert event["data"] == {
+        "registry": "docker.io", "repository": "team/app", "reference": "v1",
+        "digest": image.digest, "media_type": image.top.media_type, "size": len(image.top.data),
+    }  # fmt: skip
+    assert event["id"] and event["time"].endswith("Z")
+    headers = receiver.headers[0]
+    assert headers["X-Mirror-Event"] == "image.cached"
+    expected = hmac.new(b"hook-secret", receiver.bodies[0], hashlib.sha256).hexdigest()
+    assert headers["X-Mirror-Signature-256"] == f"sha256={expected}"
+
+
+async def test_tag_update_upstream_sends_one_tag_updated_after_revalidation(
+    hub: FakeHub, start_mirror: StartMirror, receiver: Receiver, http
+):
+    old, new = small_image("tag-old"), small_image("tag-new")
+    hub.add("team/app", "v1", old)
+    server = await start_mirror(
+        hub.registry_url, tag_ttl=0.5, webhooks=(WebhookConfig(receiver.url),)
+    )
+    base = mirror_url(server)
+    await pull(http, base, "team/app", "v1")
+    hub.add("team/app", "v1", new)  # the tag moves upstream
+    await asyncio.gather(*(pull(http, base, "team/app", "v1") for _ in range(8)))  # still fresh
+    assert receiver.of_type("tag.updated") == []
+    await asyncio.sleep(0.6)  # now stale: the next pulls revalidate, together
+    results = await asyncio.gather(*(pull(http, base, "team/app", "v1") for _ in range(8)))
+    assert all(new.digest in blobs for blobs in results)
+    await asyncio.sleep(0.6)
+    await pull(http, base, "team/app", "v1")  # revalidated again: same digest, no event
+    await receiver.wait_for("tag.updated")
+    await asyncio.sleep(0.3)
+    [event] = receiver.of_type("tag.updated")
+    assert event["data"] == {
+        "registry": "docker.io", "repository": "team/app", "tag": "v1",
+        "previous_digest": old.digest, "digest": new.digest,
+    }  # fmt: skip
+
+
+async def test_receiver_down_for_a_while_gets_every_event_in_order(
+    hub: FakeHub, start_mirror: StartMirror, http
+):
+    receiver = Receiver()  # not listening yet
+    for n in range(3):
+        hub.add(f"team/app{n}", "v1", small_image(f"late-{n}"))
+    failures = _metric("mirror_webhook_delivery_failures_total", event="image.cached")
+    server = await start_mirror(hub.registry_url, webhooks=(WebhookConfig(receiver.url),))
+    base = mirror_url(server)
+    started = time.monotonic()
+    for n in range(3):
+        await pull(http, base, f"team/app{n}", "v1")
+    assert time.monotonic() - started < 5  # pulls never wait for a receiver
+    await asyncio.sleep(2.5)  # a few failed attempts, backing off
+    assert _metric("mirror_webhook_delivery_failures_total", event="image.cached") > failures
+    await receiver.up()
+    try:
+        await receiver.wait_for("image.cached", 3, timeout=30)
+        assert [e["data"]["repository"] for e in receiver.events] == [
+            "team/app0", "team/app1", "team/app2",
+        ]  # fmt: skip
+    finally:
+        await receiver.down()
+
+
+async def test_a_hanging_receiver_does_not_slow_pulls(
+    hub: FakeHub, start_mirror: StartMirror, receiver: Receiver, http
+):
+    receiver.delay = 30
+    for n in range(4):
+        hub.add(f"team/slow{n}", "v1", small_image(f"slow-{n}"))
+    server = await start_mirror(hub.registry_url, webhooks=(WebhookConfig(receiver.url),))
+    base = mirror_url(server)
+    started = time.monotonic()
+    for n in range(4):
+        await pull(http, base, f"team/slow{n}", "v1")
+    assert time.monotonic() - started < 3
+
+
+async def test_purge_sends_blob_evicted_and_an_outage_one_upstream_error(
+    hub: FakeHub, start_mirror: StartMirror, start_admin, receiver: Receiver, http
+):
+    image = small_image("evicted")
+    hub.add("team/app", "v1", image)
+    hooks = (WebhookConfig(receiver.url, frozenset({"blob.evicted", "upstream.error"})),)
+    server = await start_mirror(hub.registry_url, webhooks=hooks)
+    base = mirror_url(server)
+    await pull(http, base, "team/app", "v1")
+    admin = str((await start_admin(server)).make_url("")).rstrip("/")
+    async with http.post(f"{admin}/admin/purge", json={"image": "team/app:v1"}) as resp:
+        assert resp.status == 200
+    await receiver.wait_for("blob.evicted", 1 + len(image.blobs))
+    evicted = {e["data"]["digest"]: e["data"] for e in receiver.of_type("blob.evicted")}
+    assert set(evicted) == {image.digest, *image.blobs}
+    assert {e["reason"] for e in evicted.values()} == {"purge"}
+
+    hub.down = True
+    for n in range(3):
+        async with http.get(f"{base}/v2/team/other/manifests/v{n}") as resp:
+            assert resp.status == 503
+    await receiver.wait_for("upstream.error")
+    await asyncio.sleep(0.3)
+    [event] = receiver.of_type("upstream.error")  # one per registry and status a minute
+    assert event["data"]["registry"] == "docker.io" and event["data"]["status"] == "unreachable"
+    assert receiver.of_type("image.cached") == []  # not subscribed
