@@ -7,9 +7,13 @@ was last confirmed upstream.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 
@@ -110,14 +114,40 @@ class TagRow:
     confirmed: float  # wall-clock seconds when upstream last confirmed this mapping
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _serialized(
+    method: Callable[Concatenate[Index, P], Awaitable[R]],
+) -> Callable[Concatenate[Index, P], Awaitable[R]]:
+    """One index operation at a time on the connection.
+
+    aiosqlite runs statements one by one, but an operation awaits between them: without this,
+    another operation's statements would run inside its transaction, or its BEGIN IMMEDIATE
+    would come while a SELECT of this connection still holds an old snapshot, which SQLite
+    answers with "database is locked" at once (no busy wait) when another worker has written.
+    """
+
+    @functools.wraps(method)
+    async def serialized(self: Index, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        async with self._lock:
+            return await method(self, *args, **kwargs)
+
+    return serialized
+
+
 class Index:
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._db = conn
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Index:
-        # Several worker processes write: wait for a busy database rather than fail.
-        conn = await aiosqlite.connect(path, timeout=30)
+        # Several worker processes write: wait for a busy database rather than fail. Writes
+        # begin IMMEDIATE: a deferred transaction that reads first and then writes gets
+        # SQLITE_BUSY at once, without waiting, when another process committed in between.
+        conn = await aiosqlite.connect(path, timeout=30, isolation_level="IMMEDIATE")
         try:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA synchronous=NORMAL")
@@ -129,13 +159,16 @@ class Index:
             raise
         return cls(conn)
 
+    @_serialized
     async def close(self) -> None:
         await self._db.close()
 
+    @_serialized
     async def ping(self) -> bool:
         async with self._db.execute("SELECT 1") as cur:
             return await cur.fetchone() is not None
 
+    @_serialized
     async def get_blob(self, digest: str) -> int | None:
         """The size of an indexed blob, or None."""
         async with self._db.execute("SELECT size FROM blobs WHERE digest=?", (digest,)) as cur:
@@ -156,11 +189,13 @@ class Index:
         await self._db.execute("UPDATE blobs SET last_access = ? WHERE digest = ?", (now, digest))
         return False
 
+    @_serialized
     async def add_blob(self, digest: str, size: int, media_type: str | None) -> bool:
         new = await self._upsert_blob(digest, size, media_type, time.time())
         await self._db.commit()
         return new
 
+    @_serialized
     async def get_manifest_type(self, registry: str, repository: str, digest: str) -> str | None:
         async with self._db.execute(
             "SELECT media_type FROM manifests WHERE registry=? AND repository=? AND digest=?",
@@ -169,6 +204,7 @@ class Index:
             row = await cur.fetchone()
         return None if row is None else str(row[0])
 
+    @_serialized
     async def add_manifest(
         self,
         registry: str,
@@ -192,6 +228,7 @@ class Index:
         await self._db.commit()
         return new
 
+    @_serialized
     async def get_tag(self, registry: str, repository: str, tag: str) -> TagRow | None:
         async with self._db.execute(
             "SELECT digest, confirmed FROM tags WHERE registry=? AND repository=? AND tag=?",
@@ -200,6 +237,7 @@ class Index:
             row = await cur.fetchone()
         return None if row is None else TagRow(str(row[0]), float(row[1]))
 
+    @_serialized
     async def set_tag(
         self, registry: str, repository: str, tag: str, digest: str, confirmed: float
     ) -> None:
@@ -212,6 +250,7 @@ class Index:
         )
         await self._db.commit()
 
+    @_serialized
     async def delete_tag(self, registry: str, repository: str, tag: str) -> None:
         await self._db.execute(
             "DELETE FROM tags WHERE registry=? AND repository=? AND tag=?",
@@ -219,6 +258,7 @@ class Index:
         )
         await self._db.commit()
 
+    @_serialized
     async def list_tags(self, registry: str, repository: str) -> list[str]:
         async with self._db.execute(
             "SELECT tag FROM tags WHERE registry=? AND repository=? ORDER BY tag",
@@ -227,6 +267,7 @@ class Index:
             return [str(r[0]) async for r in cur]
 
     # -- lifecycle: access times, usage, eviction, pins ------------------------------------------
+    @_serialized
     async def touch_many(self, accessed: dict[str, float]) -> None:
         """Record a batch of access times (never moving one backwards)."""
         await self._db.executemany(
@@ -235,6 +276,7 @@ class Index:
         )
         await self._db.commit()
 
+    @_serialized
     async def usage(self) -> tuple[int, int, int]:
         """Bytes indexed, blob count (manifests included), distinct manifests."""
         async with self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM blobs") as cur:
@@ -244,6 +286,7 @@ class Index:
         assert row is not None and manifests is not None
         return int(row[0]), int(row[1]), int(manifests[0])
 
+    @_serialized
     async def eviction_candidates(
         self, fresh_since: float, limit: int, unused_before: float | None = None
     ) -> list[tuple[str, int]]:
@@ -261,6 +304,7 @@ class Index:
         ) as cur:
             return [(str(r[0]), int(r[1])) async for r in cur]
 
+    @_serialized
     async def forget_blobs(self, digests: list[str]) -> None:
         rows = [(d,) for d in digests]
         await self._db.executemany("DELETE FROM blobs WHERE digest = ?", rows)
@@ -269,6 +313,7 @@ class Index:
         await self._db.executemany("DELETE FROM tags WHERE digest = ?", rows)
         await self._db.commit()
 
+    @_serialized
     async def closure(self, digest: str) -> dict[str, int]:
         """Every digest a manifest names, recursively (index -> manifests -> config, layers)."""
         async with self._db.execute(
@@ -280,6 +325,7 @@ class Index:
         ) as cur:
             return {str(r[0]): int(r[1]) async for r in cur}
 
+    @_serialized
     async def referenced_outside(self, digests: set[str]) -> set[str]:
         """Those of `digests` that some manifest outside the set also names."""
         found: set[str] = set()
@@ -291,6 +337,7 @@ class Index:
                     found.add(digest)
         return found
 
+    @_serialized
     async def pin(self, registry: str, repository: str, reference: str, digests: set[str]) -> None:
         await self._db.executemany(
             "INSERT OR IGNORE INTO pins (registry, repository, reference, digest) "
@@ -299,6 +346,7 @@ class Index:
         )
         await self._db.commit()
 
+    @_serialized
     async def unpin(self, registry: str, repository: str, reference: str) -> int:
         cur = await self._db.execute(
             "DELETE FROM pins WHERE registry = ? AND repository = ? AND reference = ?",
@@ -307,10 +355,12 @@ class Index:
         await self._db.commit()
         return int(cur.rowcount)
 
+    @_serialized
     async def pinned(self) -> set[str]:
         async with self._db.execute("SELECT DISTINCT digest FROM pins") as cur:
             return {str(r[0]) async for r in cur}
 
+    @_serialized
     async def repositories(self) -> list[tuple[str, str]]:
         """(registry, repository) of every repository with a cached manifest."""
         async with self._db.execute(
@@ -318,6 +368,7 @@ class Index:
         ) as cur:
             return [(str(r[0]), str(r[1])) async for r in cur]
 
+    @_serialized
     async def images(self) -> list[dict[str, object]]:
         """Every cached tag: registry, repository, tag, digest, media type, last access, pinned."""
         async with self._db.execute(
@@ -331,6 +382,7 @@ class Index:
             return [dict(zip(keys, row, strict=True)) async for row in cur]
 
     # -- what the web page shows ------------------------------------------------------------------
+    @_serialized
     async def search_images(self, text: str, offset: int, limit: int) -> tuple[int, list[ImageRow]]:
         """Cached tags whose `registry/repository:tag` contains `text` (case-insensitive), one
         page of them in name order, and how many match in all.
@@ -360,6 +412,7 @@ class Index:
             ]  # fmt: skip
         return total, rows
 
+    @_serialized
     async def blob_row(self, digest: str) -> tuple[int, str, float] | None:
         """Size, media type and last access of an indexed blob."""
         async with self._db.execute(
@@ -369,6 +422,7 @@ class Index:
             row = await cur.fetchone()
         return None if row is None else (int(row[0]), str(row[1]), float(row[2]))
 
+    @_serialized
     async def tags_of(self, registry: str, repository: str, digest: str) -> list[str]:
         async with self._db.execute(
             "SELECT tag FROM tags WHERE registry=? AND repository=? AND digest=? ORDER BY tag",
@@ -376,12 +430,14 @@ class Index:
         ) as cur:
             return [str(r[0]) async for r in cur]
 
+    @_serialized
     async def is_pinned(self, digest: str) -> bool:
         async with self._db.execute(
             "SELECT 1 FROM pins WHERE digest = ? LIMIT 1", (digest,)
         ) as cur:
             return await cur.fetchone() is not None
 
+    @_serialized
     async def tags_sharing(
         self, child: str, outside: set[str], limit: int
     ) -> tuple[int, list[str]]:
@@ -406,6 +462,7 @@ class Index:
         return len(others), others[:limit]
 
     # -- traffic history (hourly) -----------------------------------------------------------------
+    @_serialized
     async def add_traffic(self, hour: int, delta: Traffic) -> None:
         await self._db.execute(
             "INSERT INTO traffic (hour, cache_bytes, upstream_bytes, hits, misses) "
@@ -417,6 +474,7 @@ class Index:
         )
         await self._db.commit()
 
+    @_serialized
     async def traffic_since(self, hour: int) -> dict[int, Traffic]:
         async with self._db.execute(
             "SELECT hour, cache_bytes, upstream_bytes, hits, misses FROM traffic "
@@ -427,6 +485,7 @@ class Index:
                 int(r[0]): Traffic(int(r[1]), int(r[2]), int(r[3]), int(r[4])) async for r in cur
             }
 
+    @_serialized
     async def traffic_total(self) -> Traffic:
         async with self._db.execute(
             "SELECT COALESCE(SUM(cache_bytes), 0), COALESCE(SUM(upstream_bytes), 0), "
@@ -436,10 +495,12 @@ class Index:
         assert row is not None
         return Traffic(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
+    @_serialized
     async def all_blobs(self) -> dict[str, int]:
         async with self._db.execute("SELECT digest, size FROM blobs") as cur:
             return {str(r[0]): int(r[1]) async for r in cur}
 
+    @_serialized
     async def integrity_ok(self) -> bool:
         async with self._db.execute("PRAGMA quick_check") as cur:
             row = await cur.fetchone()

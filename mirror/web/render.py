@@ -114,7 +114,7 @@ def listing(
             f"<td>{escape(name)}</td>",
             f'<td class="tag"><a href="{escape(link)}">{escape(r.tag)}</a></td>',
             f'<td><code title="{escape(r.digest)}">{escape(r.digest[:19])}</code></td>',
-            f"<td>{escape(', '.join(item.platforms))}</td>",
+            f"<td>{escape(', '.join(item.platforms)) or '—'}</td>",
             f'<td class="num">{human_bytes(item.size)}</td>',
             f"<td>{when(r.last_access)}</td>",
             '<td class="pinned">pinned</td>' if r.pinned else "<td></td>",
