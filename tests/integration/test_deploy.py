@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from mirror.cli import _parser, config_from_args
-from mirror.config import load_config
+from mirror.config import WebhookConfig, load_config
 from tests.fixtures.procs import mirror_process, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,9 @@ ALL_FEATURES: dict[str, Any] = {
         "quay.io": {"url": "https://quay.io", "username": "q", "password": QUAY_PASSWORD,
                     "private": "passthrough"},
     },
-    "config": {"maxAge": "30d", "maxSize": "90GiB", "logFormat": "text"},
+    "config": {"maxAge": "30d", "maxSize": "90GiB", "logFormat": "text", "webUi": "admin",
+               "webhooks": [{"url": "http://ci.ops/hook"},
+                            {"url": "https://cd.ops/x", "events": ["tag.updated"]}]},
     "tls": {"enabled": True, "secretName": "mirror-tls"},
     "persistence": {"size": "100Gi", "storageClass": "fast-ssd"},
     "service": {"type": "NodePort", "nodePort": 30500},
@@ -173,6 +175,11 @@ def test_credentials_live_only_in_a_secret_mounted_as_files(tmp_path: Path) -> N
     assert config.workers == 2  # not the node's core count: the pod's limits set the budget
     assert config.registries["quay.io"].private == "passthrough"
     assert config.registries["docker.io"].private == "deny"
+    assert config.web_ui == "admin"
+    assert config.webhooks == (
+        WebhookConfig("http://ci.ops/hook"),
+        WebhookConfig("https://cd.ops/x", frozenset({"tag.updated"})),
+    )
 
 
 def test_no_secret_without_passwords() -> None:
@@ -195,6 +202,8 @@ def test_no_secret_without_passwords() -> None:
         {"service": {"nodePort": 80}},
         {"config": {"workers": 0}},
         {"upstream": {"private": "allow"}},
+        {"config": {"webUi": "lan"}},
+        {"config": {"webhooks": [{"url": "ftp://x", "events": ["tag.updated"]}]}},
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict[str, Any]) -> None:
