@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
@@ -20,8 +21,8 @@ from mirror.config import WebhookConfig
 from tests.conftest import StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import small_image
-from tests.fixtures.procs import free_port
-from tests.integration.test_pull_path import mirror_url, pull
+from tests.fixtures.procs import free_port, mirror_process
+from tests.integration.test_pull_path import ALL_TYPES, mirror_url, pull
 
 
 @dataclass
@@ -198,3 +199,34 @@ async def test_purge_sends_blob_evicted_and_an_outage_one_upstream_error(
     [event] = receiver.of_type("upstream.error")  # one per registry and status a minute
     assert event["data"]["registry"] == "docker.io" and event["data"]["status"] == "unreachable"
     assert receiver.of_type("image.cached") == []  # not subscribed
+
+
+async def test_one_tag_updated_across_workers(hub: FakeHub, receiver: Receiver, tmp_path):
+    old, new = small_image("workers-old"), small_image("workers-new")
+    hub.add("team/app", "v1", old)
+    async with mirror_process(
+        tmp_path / "data", hub.registry_url, "--workers", "2", "--tag-ttl", "1s",
+        "--webhook", receiver.url,
+    ) as mirror:  # fmt: skip
+        url = f"{mirror.url}/v2/team/app/manifests/v1"
+
+        async def digests() -> set[str]:
+            async def one() -> str:  # each on its own connection: both workers answer
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(url, headers={"Accept": ALL_TYPES}) as resp,
+                ):
+                    return resp.headers["Docker-Content-Digest"]
+
+            return set(await asyncio.gather(*(one() for _ in range(16))))
+
+        assert await digests() == {old.digest}
+        hub.add("team/app", "v1", new)
+        await asyncio.sleep(1.2)
+        assert await digests() == {new.digest}
+        await asyncio.sleep(1.2)
+        assert await digests() == {new.digest}  # revalidated again, unchanged
+        await receiver.wait_for("tag.updated")
+        await asyncio.sleep(0.5)
+    assert [e["data"]["digest"] for e in receiver.of_type("tag.updated")] == [new.digest]
+    assert len(receiver.of_type("image.cached")) == 2  # each manifest once, whichever worker
