@@ -334,12 +334,14 @@ class RegistryClient:
                 if resp.status == 429:
                     raise RegistryError.too_many_requests(resp.headers.get("Retry-After"))
                 if resp.status != 200:
+                    self._upstream_error("token", str(resp.status), resp.reason or "")
                     raise RegistryError.unavailable(
                         f"upstream token service answered {resp.status}"
                     )
                 body = await resp.json(content_type=None)
         except TRANSIENT_ERRORS as exc:
             TOKEN_REQUESTS.labels(self.registry.name, "error").inc()
+            self._upstream_error("token", "unreachable", type(exc).__name__)
             raise RegistryError.unavailable("upstream token service unreachable") from exc
         except ValueError as exc:
             raise RegistryError.unavailable("upstream token service sent no JSON") from exc

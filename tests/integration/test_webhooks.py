@@ -198,6 +198,12 @@ async def test_purge_sends_blob_evicted_and_an_outage_one_upstream_error(
     await asyncio.sleep(0.3)
     [event] = receiver.of_type("upstream.error")  # one per registry and status a minute
     assert event["data"]["registry"] == "docker.io" and event["data"]["status"] == "unreachable"
+    hub.down, hub.token_down = False, True
+    async with http.get(f"{base}/v2/team/third/manifests/v1") as resp:
+        assert resp.status == 503
+    await receiver.wait_for("upstream.error", 2)
+    token = receiver.of_type("upstream.error")[1]["data"]
+    assert (token["kind"], token["status"]) == ("token", "503")
     assert receiver.of_type("image.cached") == []  # not subscribed
 
 
