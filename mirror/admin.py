@@ -157,8 +157,8 @@ async def _reply(request: web.Request, result: dict[str, Any]) -> web.Response:
     if request.content_type not in FORMS:
         return web.json_response(result)
     back = (await _body(request)).get("back", "/")
-    if not back.startswith("/") or back.startswith("//"):
-        back = "/"  # only this listener's own pages
+    if not back.startswith("/") or back.startswith("//") or "\\" in back:
+        back = "/"  # only this listener's own pages (browsers read "/\\x" as "//x")
     raise web.HTTPSeeOther(back)
 
 

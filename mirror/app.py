@@ -35,7 +35,6 @@ from mirror.keys import (
     UPSTREAMS,
     VIEWS,
     VISIBILITY,
-    WEBHOOKS,
 )  # fmt: skip
 from mirror.logs import AccessLogger
 from mirror.manifests import ManifestResolver
@@ -182,7 +181,6 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app[VISIBILITY] = visibility
     app[TRAFFIC] = traffic
     app[VIEWS] = ImageViews(index, store)
-    app[WEBHOOKS] = webhooks
     app[CLIENT_AUTH] = ClientAuth(
         load_htpasswd(config.auth_htpasswd) if config.auth_htpasswd else None, config.anonymous_pull
     )

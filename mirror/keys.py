@@ -16,7 +16,6 @@ from mirror.traffic import TrafficRecorder
 from mirror.upstream.client import RegistryClient
 from mirror.visibility import Visibility
 from mirror.web.images import ImageViews
-from mirror.webhooks import Webhooks
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", BlobStore)
@@ -29,5 +28,4 @@ ACCESS = web.AppKey("access", AccessTracker)
 VISIBILITY = web.AppKey("visibility", Visibility)
 TRAFFIC = web.AppKey("traffic", TrafficRecorder)
 VIEWS = web.AppKey("views", ImageViews)
-WEBHOOKS = web.AppKey("webhooks", Webhooks)
 CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)

@@ -133,6 +133,13 @@ async def test_admin_buttons_pin_unpin_and_purge_and_refuse_other_sites(
     async with http.post(f"{admin}/admin/unpin", data=form, headers=origin) as resp:
         assert resp.status == 200  # redirected back to the page
     assert 'class="pinned"' not in await page(http, f"{admin}/")
+    async with http.post(
+        f"{admin}/admin/pin", data={**form, "back": "/\\evil.example/"}, headers=origin,
+        allow_redirects=False,
+    ) as resp:  # fmt: skip
+        assert resp.status == 303 and resp.headers["Location"] == "/"
+    async with http.post(f"{admin}/admin/unpin", data=form, headers=origin) as resp:
+        assert resp.status == 200
     purge = {"image": "docker.io/team/app:v1", "back": "//evil.example/"}
     async with http.post(
         f"{admin}/admin/purge", data=purge, headers=origin, allow_redirects=False
