@@ -74,6 +74,7 @@ async def test_page_lists_searches_details_and_charts_in_chromium(hub: FakeHub, 
             await page.wait_for_selector("#count:has-text('1 image matching')")
             elapsed = time.monotonic() - started
             assert elapsed < 1.0, f"search took {elapsed:.3f} s"
+            print(f"search among 1,002 tags: {elapsed * 1000:.0f} ms from Enter to results")
             rows = await page.locator("tr.image").all_inner_texts()
             assert len(rows) == 1 and "ci/build07" in rows[0] and "r042" in rows[0]
 
