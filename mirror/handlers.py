@@ -21,7 +21,7 @@ from mirror.keys import (
     VISIBILITY,
 )  # fmt: skip
 from mirror.mediatypes import parse_accept
-from mirror.reference import DOCKER_HUB, Endpoint, Route, parse_v2_path
+from mirror.reference import Endpoint, Route, parse_v2_path, routed_name
 from mirror.responses import (
     manifest_response,
     send_blob_head,
@@ -135,7 +135,7 @@ async def catalog(request: web.Request) -> web.Response:
         raise RegistryError.unsupported()
     visibility = request.app[VISIBILITY]
     names = [
-        repository if registry == DOCKER_HUB else f"{registry}/{repository}"
+        routed_name(registry, repository)
         for registry, repository in await request.app[INDEX].repositories()
         if visibility.known_public(registry, repository)
     ]

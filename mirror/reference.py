@@ -87,6 +87,12 @@ _SUFFIXES: tuple[tuple[str, Endpoint], ...] = (
 )
 
 
+def routed_name(registry: str, repository: str) -> str:
+    """The name clients use through the mirror: Docker Hub repositories by name
+    (`library/alpine`), others with their registry as prefix (`ghcr.io/owner/app`)."""
+    return repository if registry == DOCKER_HUB else f"{registry}/{repository}"
+
+
 def parse_v2_path(path: str, ns: str | None, registries: frozenset[str]) -> Route:
     """Route the decoded path after `/v2/` to a registry, repository and endpoint.
 

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from mirror.errors import RegistryError
 from mirror.keys import CLIENT_AUTH, EVICTOR, INDEX, TRAFFIC, VIEWS, VISIBILITY
+from mirror.reference import routed_name
 from mirror.store.index import ImageRow
 from mirror.traffic import chart_buckets
 from mirror.web import render
@@ -122,5 +123,5 @@ class WebPages:
             found = await self._main[VIEWS].detail(registry, repository, digest)
         if found is None:
             raise RegistryError(404, "MANIFEST_UNKNOWN", "this image is not in the cache")
-        title = render.image_name(registry, repository)
+        title = routed_name(registry, repository)
         return title, render.detail(found, self._admin)

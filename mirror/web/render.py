@@ -13,7 +13,7 @@ from html import escape
 from urllib.parse import quote, urlencode
 
 from mirror.prefetch import human_bytes
-from mirror.reference import DOCKER_HUB
+from mirror.reference import routed_name
 from mirror.web.images import ImageDetail, Layer, ListedImage
 
 CSS = """
@@ -51,11 +51,6 @@ class Summary:
     misses: int
     saved_bytes: int
     upstream_bytes: int
-
-
-def image_name(registry: str, repository: str) -> str:
-    """Docker Hub images by their short name (`library/alpine`), others with their host."""
-    return repository if registry == DOCKER_HUB else f"{registry}/{repository}"
 
 
 def image_path(registry: str, repository: str, digest: str) -> str:
@@ -108,7 +103,7 @@ def listing(
     rows = []
     for item in images:
         r = item.row
-        name = image_name(r.registry, r.repository)
+        name = routed_name(r.registry, r.repository)
         link = image_path(r.registry, r.repository, r.digest)
         cells = [
             f"<td>{escape(name)}</td>",
@@ -189,7 +184,7 @@ def _layer_row(n: int, layer: Layer, kind: str) -> str:
 
 def detail(image: ImageDetail, admin: bool) -> str:
     """One image: its tags, platforms, and each platform's config and layers."""
-    name = image_name(image.registry, image.repository)
+    name = routed_name(image.registry, image.repository)
     tags = ", ".join(escape(t) for t in image.tags) or '<span class="muted">none</span>'
     back = image_path(image.registry, image.repository, image.digest)
     actions = ""
