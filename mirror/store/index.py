@@ -441,24 +441,18 @@ class Index:
     async def tags_sharing(
         self, child: str, outside: set[str], limit: int
     ) -> tuple[int, list[str]]:
-        """Cached tags (`registry/repository:tag`) of images other than `outside` that name
-        `child`, directly or through an index: how many, and the first `limit` of them."""
+        """Cached tags (`registry/repository:tag`) that name `child`, directly or through an
+        index, other than tags of the digests `outside`: how many, and the first `limit`."""
         async with self._db.execute(
             "WITH RECURSIVE up(d) AS ("
             "  SELECT parent FROM refs WHERE child = ?"
             "  UNION SELECT r.parent FROM refs r JOIN up ON r.child = up.d"
             ") SELECT t.registry || '/' || t.repository || ':' || t.tag FROM tags t "
-            "WHERE t.digest IN (SELECT d FROM up) ORDER BY 1",
-            (child,),
+            "WHERE t.digest IN (SELECT d FROM up) "
+            f"AND t.digest NOT IN ({','.join('?' * len(outside))}) ORDER BY 1",
+            (child, *outside),
         ) as cur:
-            names = [str(r[0]) async for r in cur]
-        async with self._db.execute(
-            "SELECT registry || '/' || repository || ':' || tag, digest FROM tags WHERE digest IN "
-            f"({','.join('?' * len(outside))})",
-            tuple(outside),
-        ) as cur:
-            own = {str(r[0]) async for r in cur}
-        others = [n for n in names if n not in own]
+            others = [str(r[0]) async for r in cur]
         return len(others), others[:limit]
 
     # -- traffic history (hourly) -----------------------------------------------------------------
