@@ -6,8 +6,11 @@ post the same endpoints as HTML forms and are sent back to the page they came fr
 
 A browser on the operator's machine can be made to post to 127.0.0.1 by any web site, so
 requests that change something and come from a browser (they carry Origin or Sec-Fetch-Site)
-must come from this listener's own page, addressed by an IP address or a local host name
-(which also defeats DNS rebinding). The CLI sends neither header.
+must come from this listener's own page. Every request, reads included, must be addressed by an
+IP address or a local host name: a page whose name an attacker re-resolves to 127.0.0.1 (DNS
+rebinding) is same-origin to the browser and could otherwise read the page and the stats.
+The CLI sends neither Origin nor Sec-Fetch-Site; its `--admin` URL names an IP address,
+`localhost` or the machine's own host name.
 """
 
 from __future__ import annotations
@@ -173,7 +176,10 @@ def _local_host(host: str) -> bool:
 
 @web.middleware
 async def same_origin(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Refuse browser requests that change something unless they come from this listener."""
+    """Refuse requests addressed to a foreign host name (DNS rebinding), and browser requests
+    that change something unless they come from this listener's own page."""
+    if not _local_host(request.host):
+        raise RegistryError(403, "DENIED", "the admin API answers only local host names")
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         origin = request.headers.get("Origin")
         site = request.headers.get("Sec-Fetch-Site")
@@ -181,7 +187,6 @@ async def same_origin(request: web.Request, handler: Any) -> web.StreamResponse:
         if from_browser and (
             site not in (None, "same-origin", "none")
             or (origin is not None and urlsplit(origin).netloc != request.host)
-            or not _local_host(request.host)
         ):
             raise RegistryError(403, "DENIED", "cross-site request refused")
     response: web.StreamResponse = await handler(request)

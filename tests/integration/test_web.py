@@ -148,6 +148,21 @@ async def test_admin_buttons_pin_unpin_and_purge_and_refuse_other_sites(
     assert listed(await page(http, f"{admin}/")) == []
 
 
+async def test_admin_reads_refuse_a_foreign_host_name(
+    hub: FakeHub, start_mirror: StartMirror, start_admin, http
+):
+    """DNS rebinding: a page on evil.example re-resolved to 127.0.0.1 is same-origin to the
+    browser, so it could read the admin page and stats unless GETs check Host too."""
+    server = await start_mirror(hub.registry_url)
+    admin = str((await start_admin(server)).make_url("")).rstrip("/")
+    port = admin.rsplit(":", 1)[1]
+    for path in ("/admin/stats", "/"):
+        async with http.get(f"{admin}{path}", headers={"Host": f"evil.example:{port}"}) as resp:
+            assert resp.status == 403, path
+        async with http.get(f"{admin}{path}", headers={"Host": f"127.0.0.1:{port}"}) as resp:
+            assert resp.status == 200, path
+
+
 async def test_page_needs_the_mirror_login_like_v2(
     hub: FakeHub, start_mirror: StartMirror, http, tmp_path
 ):
