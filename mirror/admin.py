@@ -65,10 +65,11 @@ async def stats(request: web.Request) -> web.Response:
     evictor = main[EVICTOR]
     _, blobs, manifests = await main[INDEX].usage()
     metrics = registry()  # all workers' counters, read once
+    # Manifest and blob requests only: the ones a cache can answer or not.
     results = ("hit", "miss", "stale", "coalesced", "error")
     requests = {
         r: sum(_counter(metrics, "mirror_requests_total", kind=k, method=m, result=r)
-               for k in ("manifest", "blob", "tags", "other") for m in ("GET", "HEAD"))
+               for k in ("manifest", "blob") for m in ("GET", "HEAD"))
         for r in results
     }  # fmt: skip
     return web.json_response(

@@ -30,11 +30,14 @@ from mirror.keys import (
     FETCHER,
     INDEX,
     RESOLVER,
+    ROUTE,
+    STARTED,
     STORE,
     TRAFFIC,
     UPSTREAMS,
     VIEWS,
     VISIBILITY,
+    cache_result,
 )  # fmt: skip
 from mirror.logs import AccessLogger
 from mirror.manifests import ManifestResolver
@@ -87,12 +90,16 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _started(request: web.Request) -> bool:
-    return bool(request.get("started"))
+    return bool(request.get(STARTED) or request.get("started"))  # string key: see keys.py
 
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count and time every request by kind and cache result (labels with bounded values)."""
+    """Count and time every request by kind and cache result (labels with bounded values).
+
+    A request that touches no cache (`/v2/`, `_catalog`, the web page, probes, `/metrics`) is
+    result `none`: counted as a hit, it would inflate the hit ratio with requests that saved
+    nothing."""
     started = time.perf_counter()
     status = 500
     try:
@@ -100,10 +107,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = response.status
         return response
     finally:
-        route = request.get("route")
+        route = request.get(ROUTE) or request.get("route")  # string key: see keys.py
         kind = route.endpoint.value if route is not None else "other"
         kind = kind if kind in ("manifest", "blob", "tags") else "other"
-        result = "error" if status >= 400 else request.get("cache", "hit")
+        result = cache_result(request) if kind != "other" else None
+        result = "error" if status >= 400 else result or "none"
         method = request.method if request.method in ("GET", "HEAD") else "other"
         counter, duration = observers(kind, method, result)
         counter.inc()

@@ -51,7 +51,6 @@ async def v2_root(request: web.Request) -> web.Response:
     if wants_login and "Authorization" not in request.headers:
         raise RegistryError(401, "UNAUTHORIZED", "credentials accepted", headers=CHALLENGE)
     await auth.check(_authorization(request))
-    request["cache"] = "hit"
     return web.Response(body=b"{}", content_type="application/json", headers=API_VERSION_HEADER)
 
 
@@ -145,7 +144,6 @@ async def catalog(request: web.Request) -> web.Response:
     if more and page:
         query = urlencode({"last": page[-1], "n": n})
         headers["Link"] = f'</v2/_catalog?{query}>; rel="next"'
-    request["cache"] = "hit"
     body = json.dumps({"repositories": page}).encode()
     return web.Response(body=body, content_type="application/json", headers=headers)
 

@@ -1,4 +1,5 @@
-"""Typed keys for the long-lived objects that live on the aiohttp Application."""
+"""Typed keys: the long-lived objects on the aiohttp Application, and what a request carries
+from its handler to the middlewares and the access log."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from mirror.config import Config
 from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
 from mirror.manifests import ManifestResolver
+from mirror.reference import Route
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
 from mirror.traffic import TrafficRecorder
@@ -29,3 +31,18 @@ VISIBILITY = web.AppKey("visibility", Visibility)
 TRAFFIC = web.AppKey("traffic", TrafficRecorder)
 VIEWS = web.AppKey("views", ImageViews)
 CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)
+
+# Set by the handlers. Manifest and blob requests have a cache result (hit, miss, stale,
+# coalesced), tag lists too (miss, stale); `/v2/`, `_catalog`, the web page and the probes touch
+# no cache and have none.
+CACHE_RESULT = web.RequestKey("cache_result", str)
+ROUTE = web.RequestKey("route", Route)  # a parsed /v2/ path, for the request's metric kind
+STARTED = web.RequestKey("started", bool)  # headers sent: an error can only drop the connection
+
+
+def cache_result(request: web.BaseRequest) -> str | None:
+    """The request's cache result, if it has one.
+
+    The string key is read too until handlers.py and responses.py set the typed keys."""
+    result = request.get(CACHE_RESULT) or request.get("cache")
+    return str(result) if result else None

@@ -17,6 +17,8 @@ from typing import Any
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from mirror.keys import cache_result
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -117,5 +119,5 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         ACCESS_LOG.request(
             self.logger, request.remote, request.method, request.path, response.status,
-            response.body_length, time, request.get("cache", "-"),
+            response.body_length, time, cache_result(request) or "-",
         )  # fmt: skip

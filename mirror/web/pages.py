@@ -57,7 +57,6 @@ class WebPages:
         except RegistryError as exc:
             title, body = "mirror", render.error(exc.status, exc.message)
             status, headers = exc.status, dict(exc.headers)
-        request["cache"] = "hit"
         return web.Response(
             text=render.page(title, summary, body),
             status=status,

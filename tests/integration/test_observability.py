@@ -114,6 +114,30 @@ async def test_request_counters_follow_the_cache_path(hub: FakeHub, start_mirror
         ) - coalesced_before == 4
 
 
+async def test_requests_that_touch_no_cache_are_not_counted_as_hits(
+    hub: FakeHub, start_mirror, start_admin, http
+):
+    server = await start_mirror(hub.registry_url)
+    base = mirror_url(server)
+    admin = str((await start_admin(server)).make_url("")).rstrip("/")
+    other = {"kind": "other", "method": "GET"}
+    before = {
+        result: snapshot("mirror_requests_total", **other, result=result)
+        for result in ("hit", "none")
+    }
+    async with http.get(f"{admin}/admin/stats") as resp:
+        stats_before = (await resp.json())["requests"]
+    for path in ("/v2/", "/v2/_catalog", "/", "/metrics"):
+        status, headers, _ = await get(http, f"{base}{path}")
+        assert status == 200 and "X-Mirror-Cache" not in headers, path
+    assert delta("mirror_requests_total", before["none"], **other, result="none") == 4
+    assert delta("mirror_requests_total", before["hit"], **other, result="hit") == 0
+    async with http.get(f"{admin}/admin/stats") as resp:
+        assert (await resp.json())["requests"] == stats_before  # manifests and blobs only
+    by_result = dict(dashboard_queries())["Requests by result"]
+    assert 'kind=~"manifest|blob"' in by_result
+
+
 async def test_health_and_readiness(hub: FakeHub, start_mirror, http, tmp_path):
     base = mirror_url(await start_mirror(hub.registry_url))
     assert (await get(http, f"{base}/healthz"))[0] == 200
