@@ -43,7 +43,7 @@ from mirror.logs import AccessLogger
 from mirror.manifests import ManifestResolver
 from mirror.metrics import BUILD_INFO, CACHE_MAX_BYTES, observers
 from mirror.missing import MissingCache
-from mirror.probes import add_probe_routes, add_readiness, healthz, metrics
+from mirror.probes import add_probe_routes, add_readiness, healthz_for, metrics
 from mirror.recovery import recover
 from mirror.shared import SharedState
 from mirror.store.blobs import BlobStore
@@ -242,7 +242,9 @@ async def run(config: Config, tls: ssl.SSLContext | None = None, worker: int | N
     runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=30)
     await runner.setup()
     assert runner.server is not None
-    admin_app = create_admin_app(app, [web.get("/metrics", metrics), web.get("/healthz", healthz)])
+    admin_app = create_admin_app(
+        app, [web.get("/metrics", metrics), web.get("/healthz", healthz_for(app))]
+    )
     admin_runner = web.AppRunner(admin_app, access_log=None)
     await admin_runner.setup()
     loop = asyncio.get_running_loop()

@@ -174,6 +174,7 @@ class Evictor:
                 await self._access.flush()
                 await self.refresh_counts()
                 CACHE_BYTES.set(self.usage)
+                self._store.refresh_full()
                 if self._max_age and self._primary:
                     await self.expire(self._max_age)
             except Exception:

@@ -44,6 +44,13 @@ CACHE_BYTES = Gauge(
 CACHE_MAX_BYTES = Gauge(
     "mirror_cache_max_bytes", "The configured size cap", multiprocess_mode="mostrecent"
 )
+# livemax, not max: a worker that died while its disk-full window was open must not hold the
+# gauge at 1 (the supervisor drops a dead worker's live* files; plain max keeps them).
+DISK_FULL = Gauge(
+    "mirror_disk_full",
+    "1 while a disk-full error has cache misses served from upstream without caching",
+    multiprocess_mode="livemax",
+)
 EVICTIONS = Counter("mirror_evictions_total", "Blobs (layers, configs, manifests) evicted")
 EVICTED_BYTES = Counter("mirror_evicted_bytes_total", "Bytes evicted")
 

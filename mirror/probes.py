@@ -1,12 +1,19 @@
 """Operational endpoints outside `/v2/`: `/healthz`, `/readyz`, `/metrics`.
 
-`/healthz` says the process answers; `/readyz` says it should get traffic: the index answers,
-the data directory takes writes, and no shutdown has begun (so a load balancer drains it first).
+`/healthz` says the process answers, and names a degraded mode; `/readyz` says it should get
+traffic: the index answers, the data directory takes writes, and no shutdown has begun (so a
+load balancer drains it first).
+
+A full disk is a degraded mode, not unreadiness: cache hits are still served and misses are
+relayed from upstream, verified, uncached. Failing readiness for it would make Kubernetes drop
+the pod from the Service, and the hits would stop too. So it shows in `/healthz` (still 200),
+the `mirror_disk_full` gauge and the log.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -14,6 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror.keys import CONFIG, INDEX, STORE
 from mirror.metrics import registry
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 @dataclass
@@ -24,8 +33,17 @@ class Lifecycle:
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 
-async def healthz(_request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
+def healthz_for(main: web.Application) -> Handler:
+    """`/healthz` of the main app's state, for its own listener and the admin one."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        if main[STORE].full:
+            return web.Response(
+                text="ok, degraded: disk full: misses are served from upstream without caching\n"
+            )
+        return web.Response(text="ok\n")
+
+    return healthz
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -33,8 +51,6 @@ async def readyz(request: web.Request) -> web.Response:
     problems: list[str] = []
     if app[LIFECYCLE].shutting_down:
         problems.append("shutting down")
-    if app[STORE].full:
-        problems.append("disk full: misses are served from upstream without caching")
     tmp = app[CONFIG].data_dir / "tmp"
     if not os.access(tmp, os.W_OK):
         problems.append(f"data directory not writable: {tmp}")
@@ -54,7 +70,7 @@ async def metrics(_request: web.Request) -> web.Response:
 
 
 def add_probe_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", healthz_for(app))
     app.router.add_get("/metrics", metrics)
 
 

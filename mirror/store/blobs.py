@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import logging
 import os
 import secrets
 import time
 from pathlib import Path
 
+from mirror.metrics import DISK_FULL
 from mirror.reference import validate_digest
+
+log = logging.getLogger(__name__)
 
 
 class DigestMismatch(Exception):
@@ -49,15 +53,30 @@ class BlobStore:
 
     def note_if_full(self, error: BaseException) -> bool:
         """Remember a disk-full error (ENOSPC, EDQUOT): while it lasts, misses are streamed
-        from upstream without caching and /readyz says so. True if it was one."""
+        from upstream without caching, a degraded mode that `/healthz`, the `mirror_disk_full`
+        gauge and the log report (not `/readyz`: hits still work). True if it was one."""
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            if not self.full:
+                log.warning(
+                    "disk full (%s): degraded for %ds: misses are served from upstream "
+                    "without caching", error.strerror, self.FULL_FOR,
+                )  # fmt: skip
             self._full_until = time.monotonic() + self.FULL_FOR
+            DISK_FULL.set(1)
             return True
         return False
 
     @property
     def full(self) -> bool:
         return time.monotonic() < self._full_until
+
+    def refresh_full(self) -> None:
+        """End the disk-full mode once its time is up: called by the periodic maintenance, so
+        the gauge falls back to 0 whether or not a miss came to ask."""
+        if self._full_until and not self.full:
+            self._full_until = 0.0
+            DISK_FULL.set(0)
+            log.info("disk-full mode over: misses are cached again")
 
     def prepare(self) -> int:
         """Create the layout and remove temp files left by a crash; return how many were removed."""

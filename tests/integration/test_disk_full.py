@@ -1,6 +1,7 @@
-"""A full disk (a 12 MiB tmpfs under a 1 GiB cap): no crash, no partial file kept, /readyz
-says so, and clients still get verified bytes: the download under way is relayed to its
-client from memory, later misses are streamed from upstream, neither is cached."""
+"""A full disk (a 12 MiB tmpfs under a 1 GiB cap): no crash, no partial file kept, /healthz and
+the metrics say so while /readyz stays 200 (hits still work), and clients still get verified
+bytes: the download under way is relayed to its client from memory, later misses are streamed
+from upstream, neither is cached."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def small_filesystem(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-async def test_disk_full_while_caching(hub: FakeHub, start_mirror, start_admin, http, tmp_path):
+async def test_disk_full_while_caching(
+    hub: FakeHub, start_mirror, start_admin, http, tmp_path, caplog
+):
     image = make_image([{"big.bin": random_bytes(20 * MiB, 13)}])
     layer = image.layers()[0]
     hub.add("team/big", "v1", image)
@@ -53,7 +56,12 @@ async def test_disk_full_while_caching(hub: FakeHub, start_mirror, start_admin, 
         for status, _, body in answers:
             assert status == 200 and hashlib.sha256(body).hexdigest() == layer.digest[7:]
         async with http.get(f"{base}/readyz") as resp:
-            assert resp.status == 503 and "disk full" in await resp.text()
+            assert resp.status == 200  # degraded, not unready: Kubernetes keeps sending hits
+        async with http.get(f"{base}/healthz") as resp:
+            assert resp.status == 200 and "degraded: disk full" in await resp.text()
+        async with http.get(f"{base}/metrics") as resp:
+            assert "\nmirror_disk_full 1.0\n" in await resp.text()
+        assert "disk full (No space left on device): degraded" in caplog.text
         assert [p for p in (data / "tmp").iterdir() if p.suffix != ".claim"] == []
         assert not any(layer.digest[7:] in p.name for p in (data / "blobs").rglob("*"))
         # The client's retry is streamed from upstream, verified, not cached.
