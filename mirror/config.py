@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mirror.cpus import cgroup_cpu_limit, default_workers
 from mirror.reference import DOCKER_HUB
 
 DEFAULT_LISTEN = "0.0.0.0:5000"
@@ -129,7 +130,7 @@ class Config:
     admin_port: int = 5001
     tls_cert: Path | None = None  # PEM chain; with tls_key, the registry listener speaks https
     tls_key: Path | None = None
-    workers: int = 1  # processes serving the listen address (load_config defaults to the cores)
+    workers: int = 1  # processes serving the listen address (load_config: see cpus.py)
     auth_htpasswd: Path | None = None  # clients of the mirror itself must log in (clientauth.py)
     anonymous_pull: bool = False  # with auth_htpasswd: clients without credentials may still pull
     max_upstream_fetches: int = 32  # blob downloads at once per registry and worker; FIFO beyond
@@ -181,7 +182,7 @@ _DEFAULTS: dict[str, Any] = {
     "admin_listen": DEFAULT_ADMIN_LISTEN,
     "tls_cert": None,
     "tls_key": None,
-    "workers": None,  # the number of cores
+    "workers": None,  # the cores this process may use, at most 8 (cpus.py)
     "auth_htpasswd": None,
     "anonymous_pull": False,
     "max_upstream_fetches": 32,
@@ -369,7 +370,7 @@ def load_config(
         token_realms=parse_hosts(pick("token_realms")),
         private=_private_policy(hub_table.get("private", "deny"), 'registries."docker.io".private'),
     )
-    workers = pick("workers") or len(os.sched_getaffinity(0))
+    workers = pick("workers") or default_workers(len(os.sched_getaffinity(0)), cgroup_cpu_limit())
     if not str(workers).isdigit() or int(workers) < 1:
         raise ConfigError(f"workers: {workers!r} must be a whole number of processes, at least 1")
     anonymous_pull = pick("anonymous_pull")
