@@ -33,6 +33,7 @@ from mirror.keys import (
     ROUTE,
     STARTED,
     STORE,
+    TAG_LISTS,
     TRAFFIC,
     UPSTREAMS,
     VIEWS,
@@ -48,6 +49,7 @@ from mirror.recovery import recover
 from mirror.shared import SharedState
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
+from mirror.tags import TagLists
 from mirror.traffic import TrafficRecorder
 from mirror.upstream.auth import TokenCache
 from mirror.upstream.client import RegistryClient, make_session
@@ -176,6 +178,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     fetcher = BlobFetcher(store, index, clients, missing, evictor, config.max_upstream_fetches)
     resolver = ManifestResolver(index, store, clients, missing, evictor, shared, events=events)
     traffic = TrafficRecorder(index)
+    tag_lists = TagLists(clients)
 
     app = web.Application(middlewares=[observe, registry_errors], client_max_size=1024 * 1024)
     app[CONFIG] = config
@@ -184,6 +187,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app[UPSTREAMS] = clients
     app[FETCHER] = fetcher
     app[RESOLVER] = resolver
+    app[TAG_LISTS] = tag_lists
     app[EVICTOR] = evictor
     app[ACCESS] = access
     app[VISIBILITY] = visibility
@@ -208,6 +212,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         await traffic.close()
         await webhooks.close()
         await fetcher.close()
+        await tag_lists.close()
         await resolver.close()
         await visibility.close()
         await evictor.close()

@@ -25,20 +25,39 @@ from mirror.prefetch import human_bytes, prefetch
 from mirror.store.index import Index
 from mirror.workers import WORKER_FLAG, die_with_parent, supervise
 
+DESCRIPTION = """\
+A pull-through caching mirror for Docker Hub (and other registries you configure). Point
+Docker, containerd or podman at `mirror serve` and every layer crosses the internet once;
+the other commands pull images into a running mirror, list its cache, and pin or purge."""
+
+SERVE_DESCRIPTION = """\
+Serve the registry API on --listen and the admin API on --admin-listen. Settings come from
+flags, then MIRROR_* environment variables, then the --config TOML file, then defaults."""
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mirror",
+        description=DESCRIPTION,
+        epilog="`mirror COMMAND --help` for a command's options",
+    )
     parser.add_argument("--version", action="version", version=f"mirror {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the mirror")
+    serve = sub.add_parser("serve", help="run the mirror", description=SERVE_DESCRIPTION)
     # default=None everywhere: a flag the user did not give must not outrank env or file.
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     serve.add_argument("--data", help="data directory (default ./mirror-data)")
     serve.add_argument(
         "--upstream", help="upstream registry URL (default https://registry-1.docker.io)"
     )
-    serve.add_argument("--upstream-username", dest="upstream_username")
-    serve.add_argument("--upstream-password-file", dest="upstream_password_file")
+    serve.add_argument(
+        "--upstream-username", dest="upstream_username",
+        help="Docker Hub account: higher rate limits, private repositories",
+    )  # fmt: skip
+    serve.add_argument(
+        "--upstream-password-file", dest="upstream_password_file",
+        help="file holding that account's password or access token",
+    )  # fmt: skip
     serve.add_argument(
         "--tag-ttl", dest="tag_ttl", help="tag freshness: seconds or 5m/1h (default 5m)"
     )
@@ -61,8 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain: serve https")
     serve.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
     serve.add_argument(
-        "--workers", type=int, help="processes serving the listen address (default: the cores)"
-    )
+        "--workers", type=int,
+        help="processes serving the listen address (default: the cores it may use, counting a "
+        "cgroup CPU quota, at most 8)",
+    )  # fmt: skip
     serve.add_argument(
         "--auth-htpasswd", dest="auth_htpasswd", help="clients must log in: htpasswd (bcrypt) file"
     )
@@ -88,7 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument(WORKER_FLAG, dest="worker", help=argparse.SUPPRESS)  # set by the supervisor
     serve.add_argument("--config", help="TOML configuration file (same keys)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="least severe log lines written (default info)",
+    )  # fmt: skip
     serve.add_argument(
         "--log-format",
         default=os.environ.get("MIRROR_LOG_FORMAT", "text"),
@@ -156,20 +180,23 @@ def _admin_parent() -> argparse.ArgumentParser:
 def _add_operator_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     admin = _admin_parent()
     pre = sub.add_parser("prefetch", help="pull images into a running mirror")
-    pre.add_argument("images", nargs="*", metavar="IMAGE")
+    pre.add_argument("images", nargs="*", metavar="IMAGE", help="an image reference: alpine:3.19")
     pre.add_argument("-f", "--file", help="read image references from a file, one a line")
     pre.add_argument("--server", default="http://127.0.0.1:5000", help="the mirror's registry URL")
     pre.add_argument("--platform", help="only this platform of an index, e.g. linux/arm64")
-    pre.add_argument("--json", action="store_true")
+    pre.add_argument("--json", action="store_true", help="machine-readable output")
     ls = sub.add_parser("ls", help="cached repositories and tags")
-    ls.add_argument("--data", default=os.environ.get("MIRROR_DATA", "./mirror-data"))
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument(
+        "--data", default=os.environ.get("MIRROR_DATA", "./mirror-data"),
+        help="the mirror's data directory (default ./mirror-data, env MIRROR_DATA)",
+    )  # fmt: skip
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("stats", parents=[admin], help="disk use, counts, hits and bandwidth saved")
     for name, text in (("pin", "protect an image from eviction"), ("unpin", "undo pin")):
         cmd = sub.add_parser(name, parents=[admin], help=text)
-        cmd.add_argument("image", metavar="IMAGE")
+        cmd.add_argument("image", metavar="IMAGE", help="an image reference: alpine:3.19")
     purge = sub.add_parser("purge", parents=[admin], help="remove cached content now")
-    purge.add_argument("image", nargs="?", metavar="IMAGE")
+    purge.add_argument("image", nargs="?", metavar="IMAGE", help="an image reference: alpine:3.19")
     purge.add_argument("--unused-for", help="remove everything not used for this long (30d)")
 
 

@@ -17,7 +17,7 @@ from mirror.keys import (
     INDEX,
     RESOLVER,
     STORE,
-    UPSTREAMS,
+    TAG_LISTS,
     VISIBILITY,
 )  # fmt: skip
 from mirror.mediatypes import parse_accept
@@ -29,7 +29,7 @@ from mirror.responses import (
     send_inflight_blob,
     send_uncached_blob,
 )
-from mirror.tags import list_tags, paginate, parse_n
+from mirror.tags import paginate, parse_n, tags_page
 from mirror.visibility import CHALLENGE
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -113,11 +113,14 @@ async def tags(request: web.Request, route: Route) -> web.Response:
     await request.app[VISIBILITY].check(
         route.registry, route.repository, "tags/list", _authorization(request)
     )
-    cached = await request.app[INDEX].list_tags(route.registry, route.repository)
-    body, link, stale = await list_tags(
-        request.app[UPSTREAMS][route.registry], route, dict(request.query), request.path, cached
+    parse_n(request.query.get("n"))  # a bad `n` is refused before any upstream request
+    found, result = await request.app[TAG_LISTS].tags(
+        route.registry,
+        route.repository,
+        lambda: request.app[INDEX].list_tags(route.registry, route.repository),
     )
-    request["cache"] = "stale" if stale else "miss"
+    request["cache"] = result
+    body, link = tags_page(route.repository, found, request.query, request.path)
     headers = {"Link": link} if link else {}
     return web.Response(body=body, content_type="application/json", headers=headers)
 

@@ -14,6 +14,7 @@ from mirror.manifests import ManifestResolver
 from mirror.reference import Route
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
+from mirror.tags import TagLists
 from mirror.traffic import TrafficRecorder
 from mirror.upstream.client import RegistryClient
 from mirror.visibility import Visibility
@@ -31,6 +32,7 @@ VISIBILITY = web.AppKey("visibility", Visibility)
 TRAFFIC = web.AppKey("traffic", TrafficRecorder)
 VIEWS = web.AppKey("views", ImageViews)
 CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)
+TAG_LISTS = web.AppKey("tag_lists", TagLists)
 
 # Set by the handlers. Manifest and blob requests have a cache result (hit, miss, stale,
 # coalesced), tag lists too (miss, stale); `/v2/`, `_catalog`, the web page and the probes touch

@@ -1,6 +1,6 @@
 """HTTP client for one upstream registry: token auth, redirects, retries, timeouts.
 
-Facts this encodes (see shared/PROTOCOL.md):
+Facts this encodes (see docs/protocol.md, "The upstream"):
 - Docker Hub blob GETs answer 307 to a signed CDN URL; Authorization must never go there, and
   the URL is never cached: a resume asks the registry again for a fresh redirect.
 - Bytes are hashed raw: ask for `Accept-Encoding: identity` and never decompress.

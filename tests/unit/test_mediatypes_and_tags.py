@@ -12,7 +12,7 @@ from mirror.mediatypes import (
     platform_child,
     upstream_accept,
 )
-from mirror.tags import paginate, rewrite_link
+from mirror.tags import paginate
 
 
 def test_accept_reads_every_header_and_drops_parameters():
@@ -56,18 +56,6 @@ def test_platform_child():
     ).encode()
     assert platform_child(index) == "sha256:amd"
     assert platform_child(b"not json") is None
-
-
-def test_link_points_at_the_mirror_and_keeps_opaque_parameters():
-    link = '</v2/library/alpine/tags/list?last=b&n=2&token=opaque>; rel="next"'
-    assert rewrite_link(link, "/v2/alpine/tags/list", None) == (
-        '</v2/alpine/tags/list?last=b&n=2&token=opaque>; rel="next"'
-    )
-    assert rewrite_link(link, "/v2/alpine/tags/list", "docker.io").endswith(
-        '&ns=docker.io>; rel="next"'
-    )
-    assert rewrite_link(None, "/x", None) is None
-    assert rewrite_link('<http://x>; rel="prev"', "/x", None) is None
 
 
 def test_paginate():
