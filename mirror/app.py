@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import resource
 import signal
 import ssl
 import time
@@ -29,6 +31,7 @@ from mirror.keys import (
     EVICTOR,
     FETCHER,
     INDEX,
+    REFERRERS,
     RESOLVER,
     ROUTE,
     STARTED,
@@ -46,6 +49,7 @@ from mirror.metrics import BUILD_INFO, CACHE_MAX_BYTES, observers
 from mirror.missing import MissingCache
 from mirror.probes import add_probe_routes, add_readiness, healthz_for, metrics
 from mirror.recovery import recover
+from mirror.referrers import ReferrerLists
 from mirror.shared import SharedState
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
@@ -179,6 +183,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     resolver = ManifestResolver(index, store, clients, missing, evictor, shared, events=events)
     traffic = TrafficRecorder(index)
     tag_lists = TagLists(clients)
+    referrers = ReferrerLists(clients, resolver)
 
     app = web.Application(middlewares=[observe, registry_errors], client_max_size=1024 * 1024)
     app[CONFIG] = config
@@ -188,6 +193,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app[FETCHER] = fetcher
     app[RESOLVER] = resolver
     app[TAG_LISTS] = tag_lists
+    app[REFERRERS] = referrers
     app[EVICTOR] = evictor
     app[ACCESS] = access
     app[VISIBILITY] = visibility
@@ -212,6 +218,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         await traffic.close()
         await webhooks.close()
         await fetcher.close()
+        await referrers.close()
         await tag_lists.close()
         await resolver.close()
         await visibility.close()
@@ -224,6 +231,17 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
 
     app.on_cleanup.append(shutdown)
     return app
+
+
+def raise_open_files_limit() -> None:
+    """Every connection costs descriptors (its socket, an open blob, a dup while a blob is
+    sent), and 1024, a common soft default, runs out at a few hundred slow clients. The hard
+    limit is the operator's decision; the soft one is ours to raise up to it (as nginx does)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -242,6 +260,7 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 async def run(config: Config, tls: ssl.SSLContext | None = None, worker: int | None = None) -> None:
     """Serve the registry API (and, in a single process or worker 0, the admin API) until
     SIGTERM or SIGINT. Workers share the listen address through SO_REUSEPORT."""
+    raise_open_files_limit()
     app = await create_app(config, worker)
     BUILD_INFO.labels(__version__).set(1)
     runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=30)

@@ -2,15 +2,15 @@
 
 aiohttp's FileResponse is not used for blobs: it answers 416 to multi-range requests (podman
 accepts a full 200 there) and sets an mtime ETag, where a registry's ETag is the digest.
-Bodies go out with `loop.sendfile` (zero copy) in both cases; the headers were already flushed
-by `StreamResponse.prepare`, so the file bytes follow them on the socket.
+Bodies go out with `os.sendfile` (zero copy) driven by the event loop in both cases (see
+`_sendfile`); the headers were already handed to the transport by `StreamResponse.prepare`, and
+leave its buffer before the file bytes follow them on the socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import select
 from collections.abc import AsyncIterator
 from typing import BinaryIO, cast
 
@@ -100,13 +100,7 @@ async def _send(
         if transport is None:
             raise ConnectionResetError("client went away")
         try:
-            await asyncio.get_running_loop().sendfile(transport, f, offset, count)
-            _count(source, count)
-            return
-        except NotImplementedError:
-            pass
-        try:
-            await _sendfile_in_thread(transport, f, offset, count, source)
+            await _sendfile(transport, f, offset, count, source)
             return
         except NotImplementedError:
             pass  # TLS: the bytes must go through the transport
@@ -115,61 +109,96 @@ async def _send(
         chunk = os.pread(fd, min(FALLBACK_CHUNK, count), offset)
         if not chunk:
             raise ConnectionResetError("file shorter than expected")
-        await resp.write(chunk)
+        await _write(resp, chunk)
         _count(source, len(chunk))
         offset += len(chunk)
         count -= len(chunk)
 
 
-SENDFILE_SLICE = 8 * 1024 * 1024  # per thread hop, so many transfers share the thread pool
-SLOW_CLIENT = 120.0  # seconds a client may take to accept more bytes
+SENDFILE_SLICE = 4 * 1024 * 1024  # per call, so one fast client cannot hold the loop for long
+SLOW_CLIENT = 120.0  # seconds a client may go without accepting a byte before it is dropped
+WAKE = 1.0  # seconds between looks at whether the loop closed the connection meanwhile
 
 
-async def _sendfile_in_thread(
+async def _write(resp: web.StreamResponse, data: bytes) -> None:
+    """`resp.write`, but a client that stops reading is dropped after SLOW_CLIENT seconds
+    instead of holding its coroutine, buffers and descriptors forever."""
+    async with asyncio.timeout(SLOW_CLIENT):
+        await resp.write(data)
+
+
+async def _sendfile(
     transport: asyncio.BaseTransport, f: BinaryIO, offset: int, count: int, source: str
 ) -> None:
-    """Zero-copy where the event loop has no sendfile (uvloop): os.sendfile on the socket from a
-    worker thread, once the transport has flushed what it holds (the headers).
+    """Zero-copy, driven by the event loop: `os.sendfile` on a non-blocking socket, the loop
+    telling when the client can take more. (uvloop has no `loop.sendfile`; asyncio's has no
+    bound on a client that stops reading. One path for both.)
 
-    The thread waits for writability with poll(2) itself: the loop owns the socket's
-    registration, and blocking there instead of on the loop keeps the loop free.
+    On our own `dup()` of the socket, never on the transport's descriptor number: the loop
+    closes that number the moment the client resets or half-closes, and the kernel hands it to
+    the next accepted connection; a send through the stale number would put this client's
+    blob on someone else's connection. The dup names this client's socket until we close it,
+    whatever the loop does meanwhile. No thread either: a stalled reader would park a pool
+    thread (the pool also runs fsync and bcrypt) for as long as it stalls.
     """
     sock = transport.get_extra_info("socket")
     if sock is None or transport.get_extra_info("sslcontext") is not None:
         raise NotImplementedError
-    writer = cast(asyncio.WriteTransport, transport)  # uvloop's does not subclass it
-    while writer.get_write_buffer_size():
-        if transport.is_closing():
-            raise ConnectionResetError("client went away")
-        await asyncio.sleep(0.001)
-    out, src = sock.fileno(), f.fileno()
-    while count > 0:
-        if transport.is_closing():
-            raise ConnectionResetError("client went away")
-        sent = await asyncio.to_thread(
-            _sendfile_slice, out, src, offset, min(count, SENDFILE_SLICE), source
-        )
-        offset += sent
-        count -= sent
+    if transport.is_closing():
+        raise ConnectionResetError("client went away")
+    loop = asyncio.get_running_loop()
+    # Taken on the loop's thread while the transport is open: the number is still this client's.
+    out = os.dup(sock.fileno())
+    try:
+        writer = cast(asyncio.WriteTransport, transport)  # uvloop's does not subclass it
+        # StreamResponse.prepare wrote the headers to the transport; they must leave its
+        # buffer before any body byte goes around it.
+        while writer.get_write_buffer_size():
+            await _writable(loop, out, transport)
+            await asyncio.sleep(0)  # the transport flushes on the same wake-up
+        src = f.fileno()
+        while count > 0:
+            try:
+                sent = os.sendfile(out, src, offset, min(count, SENDFILE_SLICE))
+            except BlockingIOError:
+                await _writable(loop, out, transport)
+                continue
+            if sent == 0:
+                raise ConnectionResetError("file shorter than expected")
+            _count(source, sent)
+            offset += sent
+            count -= sent
+            if count:
+                await asyncio.sleep(0)  # let other connections have the loop between slices
+            if transport.is_closing():
+                raise ConnectionResetError("client went away")
+    finally:
+        os.close(out)
 
 
-def _sendfile_slice(out: int, src: int, offset: int, count: int, source: str) -> int:
-    """Counted here, as they go: a client may have read the bytes before the loop resumes."""
-    poller = select.poll()
-    poller.register(out, select.POLLOUT)
-    sent = 0
-    while sent < count:
-        try:
-            n = os.sendfile(out, src, offset + sent, count - sent)
-        except BlockingIOError:
-            if not poller.poll(SLOW_CLIENT * 1000):
-                raise ConnectionResetError("client stopped reading") from None
-            continue
-        if n == 0:
-            raise ConnectionResetError("file shorter than expected")
-        _count(source, n)
-        sent += n
-    return sent
+async def _writable(
+    loop: asyncio.AbstractEventLoop, fd: int, transport: asyncio.BaseTransport
+) -> None:
+    """Wait until `fd` can take bytes; raise if the client stops reading for SLOW_CLIENT
+    seconds or the loop closes its connection meanwhile (checked every WAKE seconds)."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        deadline = loop.time() + SLOW_CLIENT
+        while not ready.done():
+            if transport.is_closing():
+                raise ConnectionResetError("client went away")
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ConnectionResetError("client stopped reading")
+            await asyncio.wait((ready,), timeout=min(WAKE, left))
+    finally:
+        loop.remove_writer(fd)
 
 
 async def send_uncached_blob(
@@ -181,7 +210,7 @@ async def send_uncached_blob(
     await begin_body(request, resp)
     if request.method != "HEAD":
         async for chunk in chunks:
-            await resp.write(chunk)
+            await _write(resp, chunk)
             _count("upstream", len(chunk))
     await resp.write_eof()
     return resp
@@ -243,7 +272,7 @@ async def send_inflight_blob(
             if pos < limit:
                 if fetch.disk_end is not None and pos >= fetch.disk_end:
                     data = fetch.read_tail(pos, limit - pos)  # the disk filled up: from memory
-                    await resp.write(data)
+                    await _write(resp, data)
                     _count(source, len(data))
                     pos += len(data)
                     continue

@@ -35,7 +35,13 @@ def digest_of(data: bytes, algorithm: str = "sha256") -> str:
 
 
 def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    _fsync_and_close(os.open(path, os.O_RDONLY))
+
+
+def _fsync_and_close(fd: int) -> None:
+    """For a worker thread that owns `fd`: a descriptor number shared with the loop could be
+    closed there (a cancelled download discards its file) and reused for something else while
+    the thread still works on it."""
     try:
         os.fsync(fd)
     finally:
@@ -174,7 +180,7 @@ class BlobWriter:
             raise OSError(errno.ENOSPC, "disk full: not all of it reached the file")
         fd = self._fd
         assert fd is not None
-        await asyncio.to_thread(os.fsync, fd)
+        await asyncio.to_thread(_fsync_and_close, os.dup(fd))
         os.close(fd)
         self._fd = None
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
