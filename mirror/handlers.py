@@ -15,13 +15,15 @@ from mirror.keys import (
     CONFIG,
     FETCHER,
     INDEX,
+    REFERRERS,
     RESOLVER,
     STORE,
     TAG_LISTS,
     VISIBILITY,
 )  # fmt: skip
-from mirror.mediatypes import parse_accept
+from mirror.mediatypes import OCI_INDEX, parse_accept
 from mirror.reference import Endpoint, Route, parse_v2_path, routed_name
+from mirror.referrers import referrers_index
 from mirror.responses import (
     manifest_response,
     send_blob_head,
@@ -69,6 +71,8 @@ async def v2_dispatch(request: web.Request) -> web.StreamResponse:
         return await blob(request, route)
     if route.endpoint is Endpoint.TAGS:
         return await tags(request, route)
+    if route.endpoint is Endpoint.REFERRERS:
+        return await referrers(request, route)
     raise RegistryError.not_found_route(request.path)
 
 
@@ -123,6 +127,20 @@ async def tags(request: web.Request, route: Route) -> web.Response:
     body, link = tags_page(route.repository, found, request.query, request.path)
     headers = {"Link": link} if link else {}
     return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+async def referrers(request: web.Request, route: Route) -> web.Response:
+    """`GET /v2/<name>/referrers/<digest>`: always an OCI index (see referrers.py). A HEAD
+    gets the same headers."""
+    digest = route.reference
+    await request.app[VISIBILITY].check(
+        route.registry, route.repository, f"manifests/{digest}", _authorization(request)
+    )
+    found, result = await request.app[REFERRERS].of(route.registry, route.repository, digest)
+    request["cache"] = result
+    body, filtered = referrers_index(found, request.query.getall("artifactType", ()))
+    headers = {"OCI-Filters-Applied": "artifactType"} if filtered else {}
+    return web.Response(body=body, content_type=OCI_INDEX, headers=headers)
 
 
 async def catalog(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
 from mirror.manifests import ManifestResolver
 from mirror.reference import Route
+from mirror.referrers import ReferrerLists
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
 from mirror.tags import TagLists
@@ -33,6 +34,7 @@ TRAFFIC = web.AppKey("traffic", TrafficRecorder)
 VIEWS = web.AppKey("views", ImageViews)
 CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)
 TAG_LISTS = web.AppKey("tag_lists", TagLists)
+REFERRERS = web.AppKey("referrers", ReferrerLists)
 
 # Set by the handlers. Manifest and blob requests have a cache result (hit, miss, stale,
 # coalesced), tag lists too (miss, stale); `/v2/`, `_catalog`, the web page and the probes touch
