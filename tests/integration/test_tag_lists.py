@@ -7,8 +7,11 @@ import asyncio
 import json
 from urllib.parse import unquote
 
+import pytest
+
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import small_image
+from tests.fixtures.procs import need, run
 from tests.integration.test_pull_path import get, mirror_url
 
 UNSORTED = ["v10", "b", "latest", "a", "v2", "1.0", "B"]
@@ -111,3 +114,16 @@ async def test_the_last_list_read_is_served_while_the_upstream_is_down(hub, star
     assert status == 200 and json.loads(body)["tags"] == ["a", "b"]
     assert headers["X-Mirror-Cache"] == "stale"
     assert unquote(headers["Link"]) == '</v2/team/offline/tags/list?last=b&n=2>; rel="next"'
+
+
+@pytest.mark.integration
+async def test_skopeo_lists_a_cursor_paged_unsorted_upstream_in_order(hub, start_mirror):
+    need("skopeo")
+    add_tags(hub, "team/skopeo", UNSORTED)
+    hub.tags_unsorted, hub.tags_cursor_page = True, 2
+    mirror = await start_mirror(hub.registry_url)
+    out = await run(
+        "skopeo", "list-tags", "--tls-verify=false",
+        f"docker://127.0.0.1:{mirror.port}/team/skopeo",
+    )  # fmt: skip
+    assert json.loads(out)["Tags"] == sorted(UNSORTED)
