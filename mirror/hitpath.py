@@ -23,13 +23,16 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from cachetools import LRUCache
 
 from mirror.errors import RegistryError
 from mirror.keys import ACCESS, CLIENT_AUTH, CONFIG, RESOLVER, VISIBILITY
 from mirror.logs import ACCESS_LOG
+from mirror.manifests import Manifest
 from mirror.mediatypes import parse_accept
 from mirror.metrics import observers
 from mirror.reference import Endpoint, parse_v2_path
+from mirror.responses import manifest_headers
 
 MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 30.0  # seconds a client may take to send one request head (slowloris)
@@ -57,6 +60,7 @@ class HitAnswers:
         self._names = app[CONFIG].registry_names
         self._second = -1
         self._date = b""
+        self._blocks: LRUCache[tuple[str, str], bytes] = LRUCache(16_384)
 
     def _http_date(self) -> bytes:
         now = int(time.time())
@@ -64,6 +68,17 @@ class HitAnswers:
             self._second = now
             self._date = email.utils.formatdate(now, usegmt=True).encode()
         return self._date
+
+    def _header_block(self, manifest: Manifest) -> bytes:
+        """The status line and `manifest_headers` as bytes, built once per manifest (the
+        digest fixes the bytes, so digest and type are the whole key; no body is kept)."""
+        key = (manifest.digest, manifest.media_type)
+        block = self._blocks.get(key)
+        if block is None:
+            pairs = manifest_headers(manifest).items()
+            text = "HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in pairs)
+            block = self._blocks[key] = text.encode("latin-1")
+        return block
 
     def answer(self, head: bytes, remote: str) -> bytes | None:
         if not self._open:
@@ -108,13 +123,9 @@ class HitAnswers:
         if manifest is None:
             return None
         self._access.touch(manifest.digest)
-        digest = manifest.digest.encode()
         response = b"".join((
-            b"HTTP/1.1 200 OK\r\nContent-Type: ", manifest.media_type.encode(),
-            b"\r\nContent-Length: ", str(len(manifest.data)).encode(),
-            b"\r\nDocker-Content-Digest: ", digest, b'\r\nETag: "', digest,
-            b'"\r\nX-Mirror-Cache: hit\r\nDate: ', self._http_date(), b"\r\n\r\n",
-            manifest.data if method == "GET" else b"",
+            self._header_block(manifest), b"X-Mirror-Cache: hit\r\nDate: ",
+            self._http_date(), b"\r\n\r\n", manifest.data if method == "GET" else b"",
         ))  # fmt: skip
         elapsed = time.perf_counter() - started
         counter, duration = observers("manifest", method, "hit")

@@ -36,7 +36,7 @@ from mirror.mediatypes import (
 )
 from mirror.metrics import COALESCED, DIGEST_MISMATCHES, UPSTREAM_BYTES
 from mirror.missing import MissingCache
-from mirror.reference import Route
+from mirror.reference import Route, validate_digest
 from mirror.shared import SharedState, keyed_lock
 from mirror.singleflight import SingleFlight
 from mirror.store.blobs import BlobStore, digest_of
@@ -248,35 +248,41 @@ class ManifestResolver:
     async def _refresh_tag(
         self, registry: str, repository: str, tag: str, row: TagRow | None, accept: str
     ) -> tuple[Manifest, Result]:
+        """Ask upstream which digest the tag names now, with a HEAD (free on Docker Hub), new
+        tag or known one alike: a GET by digest only for a digest this repository does not
+        have cached (alias tags such as `3.19`, `3`, `latest` share one), a GET by tag only if
+        the HEAD names no usable digest. Upstream trouble serves the cached tag (stale)."""
         client = self._clients[registry]
         cached = await self._cached(registry, repository, row.digest) if row else None
-        if cached is not None:
-            try:
-                resp = await client.request(
-                    "HEAD", repository, f"manifests/{tag}", headers={"Accept": accept}
-                )
-            except RegistryError as exc:
-                if is_transient(exc):
-                    return cached, "stale"
-                raise
-            async with resp:
-                status, digest = resp.status, resp.headers.get("Docker-Content-Digest")
-                headers = resp.headers.copy()
-            if status == 200 and digest:
-                result: Result = "hit"
-                if digest != cached.digest:
-                    cached, _ = await self._by_digest(registry, repository, digest, accept)
-                    result = "miss"
-                await self._set_tag(registry, repository, tag, cached.digest, row)
-                return cached, result
-            if status == 404:
+        try:
+            resp = await client.request(
+                "HEAD", repository, f"manifests/{tag}", headers={"Accept": accept}
+            )
+        except RegistryError as exc:
+            if cached is not None and is_transient(exc):
+                return cached, "stale"
+            raise
+        async with resp:
+            status, headers = resp.status, resp.headers.copy()
+        digest = _usable_digest(headers.get("Docker-Content-Digest"))
+        if status == 200 and digest is not None:
+            result: Result = "hit"
+            manifest = cached if cached is not None and cached.digest == digest else None
+            if manifest is None:
+                manifest = await self._cached(registry, repository, digest)
+            if manifest is None:
+                manifest, _ = await self._by_digest(registry, repository, digest, accept)
+                result = "miss"
+            await self._set_tag(registry, repository, tag, manifest.digest, row)
+            return manifest, result
+        if status != 200:
+            if status == 404 and row is not None:
                 await self._delete_tag(registry, repository, tag)
             error = status_error(status, headers, "manifest", tag)
-            if status != 200:
-                if is_transient(error):
-                    return cached, "stale"
-                raise error
-            # A 200 HEAD without a digest: some registries omit it; fall through to a GET.
+            if cached is not None and is_transient(error):
+                return cached, "stale"
+            raise error
+        # A 200 HEAD without a digest: some registries omit it; only a GET can tell.
         try:
             manifest = await self._fetch(registry, repository, tag, accept)
         except RegistryError as exc:
@@ -343,6 +349,16 @@ class ManifestResolver:
         manifest = Manifest(digest, media_type, data)
         self._memory[(registry, repository, digest)] = manifest
         return manifest
+
+
+def _usable_digest(value: str | None) -> str | None:
+    """The upstream's Docker-Content-Digest if it is one we can verify, else None."""
+    if not value:
+        return None
+    try:
+        return validate_digest(value)
+    except RegistryError:
+        return None
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:

@@ -2,15 +2,18 @@
 
 Upstream is always asked with the full list (plus anything extra the client named), so a
 narrow client can never poison the cached tag -> digest mapping with a down-converted answer.
-What is then *served* is negotiated like distribution's `registry/handlers/manifests.go`: a
-Docker manifest list asked for by tag by a client that takes no lists gets the linux/amd64
-image; an OCI type the client does not accept is MANIFEST_UNKNOWN.
+What is then *served* is negotiated like distribution's `registry/handlers/manifests.go`: only
+an OCI manifest or OCI index the client does not list is refused (MANIFEST_UNKNOWN); a Docker
+manifest list asked for by tag by a client that takes no lists gets the linux/amd64 image;
+Docker schema2, a Docker list by digest and any other type are served whatever the Accept
+(see docs/protocol.md, "Serving").
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from enum import Enum
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -22,6 +25,15 @@ MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # distribution's limit; containerd's own cap is 4,393,216
 DEFAULT_PLATFORM = ("linux", "amd64")
+# RFC 6838 restricted names: what may be stored and later written into a response head as
+# Content-Type. Anything else (a CR/LF in a manifest's `mediaType`) would inject headers.
+_MEDIA_TYPE = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
+)
+
+
+def is_media_type(value: object) -> bool:
+    return isinstance(value, str) and _MEDIA_TYPE.match(value) is not None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -57,28 +69,37 @@ class Negotiation(Enum):
 
 
 def negotiate(media_type: str, client_types: frozenset[str], by_tag: bool) -> Negotiation:
+    """What distribution does: refuse only OCI types the client does not list; a Docker list
+    by tag goes to its linux/amd64 child for a client without lists; by digest it can only be
+    the list itself (anything else would not match the digest asked for)."""
     if accepts(client_types, media_type):
         return Negotiation.SERVE
     if media_type == DOCKER_LIST and by_tag:
         return Negotiation.DEFAULT_PLATFORM
-    return Negotiation.REJECT
+    if media_type in (OCI_MANIFEST, OCI_INDEX):
+        return Negotiation.REJECT
+    return Negotiation.SERVE
 
 
 def content_type_of(data: bytes, header: str | None) -> str:
     """The media type to store: the upstream's Content-Type, else the manifest's `mediaType`.
 
     Parameters are dropped (`; charset=utf-8` is not part of a media type) so the type can be
-    served as Content-Type verbatim.
+    served as Content-Type verbatim; only a `type/subtype` token is ever taken (see
+    `is_media_type`), whichever source it comes from.
     """
     if header:
         media_type = header.split(";", 1)[0].strip()
-        if media_type and media_type not in ("application/json", "application/octet-stream"):
+        if is_media_type(media_type) and media_type not in (
+            "application/json",
+            "application/octet-stream",
+        ):
             return media_type
     try:
         doc = json.loads(data)
     except ValueError:
         doc = None
-    if isinstance(doc, dict) and isinstance(doc.get("mediaType"), str):
+    if isinstance(doc, dict) and is_media_type(doc.get("mediaType")):
         return str(doc["mediaType"])
     if isinstance(doc, dict) and "manifests" in doc:
         return OCI_INDEX

@@ -1,8 +1,10 @@
 """The negative cache: what upstream recently said does not exist, for a short while.
 
 Every pull of a missing tag would otherwise cost an upstream request (and, on Docker Hub, rate
-limit). Only a 404 is remembered: a 401, 403, 429 or 5xx says nothing about existence. A 404
-NAME_UNKNOWN covers every reference in the repository.
+limit). Remembered: a 404 (NAME_UNKNOWN covers every reference in the repository), and a 401
+that the upstream client saw again after a fresh token, which is how Docker Hub answers for a
+repository that does not exist or is private (see docs/protocol.md): it covers the repository.
+A 403, 429 or 5xx says nothing lasting and is never remembered.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class MissingCache:
         )
 
     def check(self, registry: str, repository: str, reference: str) -> None:
-        """Raise the remembered 404 for this reference or its repository, if there is one."""
+        """Raise the remembered 404 (or 401) for this reference or its repository, if any."""
         for key in ((registry, repository, reference), (registry, repository, REPOSITORY)):
             error = self._cache.get(key)
             if error is not None:
@@ -35,7 +37,7 @@ class MissingCache:
     def remember(
         self, registry: str, repository: str, reference: str, error: RegistryError
     ) -> None:
-        if self._ttl <= 0 or error.status != 404:
+        if self._ttl <= 0 or error.status not in (401, 404):
             return
-        scope = REPOSITORY if error.code == "NAME_UNKNOWN" else reference
+        scope = REPOSITORY if error.code in ("NAME_UNKNOWN", "UNAUTHORIZED") else reference
         self._cache[(registry, repository, scope)] = error

@@ -135,8 +135,10 @@ def parse_v2_path(path: str, ns: str | None, registries: frozenset[str]) -> Rout
     if endpoint is Endpoint.MANIFEST:
         if ":" in reference:
             validate_digest(reference)
-        else:
-            validate_tag(reference)
+        elif not TAG_RE.match(reference):
+            # No manifest can have this name, so the answer to a read is "not there" (the
+            # spec's 404, what distribution answers); TAG_INVALID belongs to pushes.
+            raise RegistryError.manifest_unknown(reference[:300], "no manifest has this name")
     elif endpoint in (Endpoint.BLOB, Endpoint.REFERRERS):
         validate_digest(reference)
     return Route(registry, name, endpoint, reference)

@@ -20,6 +20,7 @@ from mirror.errors import RegistryError
 from mirror.fetch import InflightFetch
 from mirror.httprange import ByteRange, Unsatisfiable, parse_range
 from mirror.manifests import Manifest
+from mirror.mediatypes import content_type_of, is_media_type
 from mirror.metrics import SAVED_BYTES, SERVED_BYTES
 
 BLOB_CONTENT_TYPE = "application/octet-stream"
@@ -34,14 +35,29 @@ def _etag_matches(request: web.BaseRequest, digest: str) -> bool:
     return digest in candidates or "*" in candidates
 
 
-def manifest_response(request: web.BaseRequest, manifest: Manifest) -> web.Response:
-    """Exact bytes; Content-Type is the stored media type; HEAD carries the same headers."""
-    headers = {
+def manifest_headers(manifest: Manifest) -> dict[str, str]:
+    """The registry headers of a manifest answer, for the full path and the hit path alike
+    (hitpath.py writes these very pairs), so a header rule lives in one place.
+
+    The media type was checked against the `type/subtype` grammar when it was stored; it is
+    checked again here because it goes into a response head, where a CR/LF would inject.
+    """
+    media_type = manifest.media_type
+    if not is_media_type(media_type):
+        media_type = content_type_of(manifest.data, None)
+    return {
+        "Content-Type": media_type,
+        "Content-Length": str(len(manifest.data)),
         "Docker-Content-Digest": manifest.digest,
         "ETag": f'"{manifest.digest}"',
-        "Content-Type": manifest.media_type,
     }
+
+
+def manifest_response(request: web.BaseRequest, manifest: Manifest) -> web.Response:
+    """Exact bytes; Content-Type is the stored media type; HEAD carries the same headers."""
+    headers = manifest_headers(manifest)
     if _etag_matches(request, manifest.digest):
+        del headers["Content-Length"]
         return web.Response(status=304, headers=headers)
     return web.Response(body=manifest.data, headers=headers)
 

@@ -96,6 +96,26 @@ async def test_a_missing_tag_is_asked_again_after_the_negative_ttl(hub, start_mi
     assert status == 200 and headers["Docker-Content-Digest"] == image.digest
 
 
+async def test_a_repository_docker_hub_refuses_is_remembered_like_a_404(
+    hub: FakeHub, start_mirror: StartMirror, http
+):
+    """Docker Hub answers 401 for a missing (or private) repository even with a fresh token.
+    A typo'd name pulled five times costs the upstream one exchange, not five."""
+    hub.add("library/alpine", "3.19", small_image("typo"))
+    base = mirror_url(await start_mirror(hub.registry_url, negative_ttl=0.5))
+    url = f"{base}/v2/library/alpnie/manifests/latest"
+    for _ in range(5):
+        async with http.head(url, headers={"Accept": ALL_TYPES}) as resp:
+            assert resp.status == 401
+    registry, tokens = hub.requests("registry"), hub.requests("token")
+    assert len([r for r in registry if "/alpnie/" in r.path]) == 2  # the 401, again after a token
+    assert len(tokens) == 2
+    await asyncio.sleep(0.6)  # remembered for negative_ttl only
+    async with http.head(url, headers={"Accept": ALL_TYPES}) as resp:
+        assert resp.status == 401
+    assert len([r for r in hub.requests("registry") if "/alpnie/" in r.path]) == 4
+
+
 async def test_errors_other_than_404_are_never_remembered(hub, start_mirror, http):
     hub.add("library/alpine", "3.19", image := small_image("flaky"))
     base = mirror_url(await start_mirror(hub.registry_url))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
+from yarl import URL
 
 from tests.fixtures.fakehub import FakeHub
-from tests.fixtures.images import small_image
+from tests.fixtures.images import OCI_MANIFEST, Blob, Image, small_image
 from tests.fixtures.procs import mirror_process
 from tests.integration.test_pull_path import ALL_TYPES
 
@@ -81,10 +83,34 @@ async def test_unusual_requests_take_the_full_path(hub: FakeHub, tmp_path):
             # A client that takes no OCI manifest: negotiation still refuses it, via the full path.
             async with http.get(url, headers={"Accept": "application/json"}) as narrow:
                 assert narrow.status == 404
-            async with http.get(url.replace("team/app", "team%2Fapp")) as encoded:
-                assert encoded.status in (200, 404)  # decided by the router, not the hit path
+            # Percent-encoding is left to aiohttp's router (the hit path never decodes): the
+            # decoded name is the same repository.
+            encoded_url = URL(url.replace("team/app", "team%2Fapp"), encoded=True)
+            async with http.get(encoded_url, headers={"Accept": ALL_TYPES}) as encoded:
+                assert encoded.status == 200
+                assert encoded.headers["Docker-Content-Digest"] == image.digest
             async with http.put(url, data=b"x") as write:
                 assert write.status == 405
+
+
+async def test_a_manifest_media_type_cannot_inject_headers_on_either_path(hub: FakeHub, tmp_path):
+    """An upstream that labels a manifest `application/json` makes the mirror read the type
+    from the JSON; a CR/LF there must never reach a response head (memory hit or not)."""
+    doc = {"schemaVersion": 2, "mediaType": "application/x\r\nX-Injected: yes", "layers": []}
+    top = Blob("application/json", json.dumps(doc).encode())
+    hub.add("team/inject", "v1", Image(top=top, manifests={top.digest: top}))
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--workers", "1") as mirror:
+        url = f"{mirror.url}/v2/team/inject/manifests/{top.digest}"
+        seen = []
+        async with aiohttp.ClientSession() as http:
+            for _ in range(3):  # a miss, then hits from memory
+                async with http.get(url, headers={"Accept": ALL_TYPES}) as resp:
+                    assert resp.status == 200 and await resp.read() == top.data
+                    seen.append((resp.headers["X-Mirror-Cache"], resp.headers.copy()))
+    assert [cache for cache, _ in seen] == ["miss", "hit", "hit"]
+    for _, headers in seen:
+        assert "X-Injected" not in headers
+        assert headers["Content-Type"] == OCI_MANIFEST
 
 
 async def test_private_content_held_in_memory_is_not_served(hub: FakeHub, tmp_path):

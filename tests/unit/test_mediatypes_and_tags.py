@@ -7,6 +7,7 @@ from mirror.mediatypes import (
     OCI_MANIFEST,
     Negotiation,
     content_type_of,
+    is_media_type,
     negotiate,
     parse_accept,
     platform_child,
@@ -34,8 +35,31 @@ def test_negotiation_like_distribution():
         negotiate(DOCKER_LIST, frozenset({DOCKER_MANIFEST}), by_tag=True)
         is Negotiation.DEFAULT_PLATFORM
     )
-    assert negotiate(DOCKER_LIST, frozenset({DOCKER_MANIFEST}), by_tag=False) is Negotiation.REJECT
+    # By digest, a Docker list can only be the list itself: served whatever the Accept.
+    assert negotiate(DOCKER_LIST, frozenset({DOCKER_MANIFEST}), by_tag=False) is Negotiation.SERVE
     assert negotiate(OCI_INDEX, frozenset({DOCKER_MANIFEST}), by_tag=True) is Negotiation.REJECT
+    assert negotiate(OCI_MANIFEST, frozenset({OCI_INDEX}), by_tag=False) is Negotiation.REJECT
+
+
+def test_schema2_is_served_to_clients_that_list_only_oci_types():
+    """distribution serves Docker schema2 whatever the Accept, by tag and by digest (the OCI
+    conformance suite's clients accept only OCI types)."""
+    oci_only = frozenset({OCI_INDEX, OCI_MANIFEST})
+    for by_tag in (True, False):
+        assert negotiate(DOCKER_MANIFEST, oci_only, by_tag=by_tag) is Negotiation.SERVE
+    assert negotiate(DOCKER_LIST, oci_only, by_tag=True) is Negotiation.DEFAULT_PLATFORM
+    assert negotiate("application/vnd.example+json", oci_only, by_tag=True) is Negotiation.SERVE
+
+
+def test_only_a_type_subtype_token_is_ever_stored_as_media_type():
+    injected = json.dumps({"mediaType": "application/x\r\nX-Injected: yes"}).encode()
+    assert content_type_of(injected, "application/json") == OCI_MANIFEST
+    assert content_type_of(b"{}", "text/x\r\nX-Injected: yes") == OCI_MANIFEST
+    assert content_type_of(b"{}", "application/vnd.example.manifest.v1+json; a=b") == (
+        "application/vnd.example.manifest.v1+json"
+    )
+    assert not is_media_type("application/")
+    assert not is_media_type("a b/c")
 
 
 def test_content_type_from_header_or_body():

@@ -23,10 +23,19 @@ def test_name_unknown_covers_the_whole_repository():
         cache.check("docker.io", "nobody/here", "v2")
 
 
+def test_an_upstream_401_covers_the_whole_repository():
+    """Docker Hub's answer for a missing or private repository, even with a fresh token."""
+    cache = MissingCache(ttl=30)
+    cache.remember("docker.io", "typo/name", "v1", RegistryError.unauthorized())
+    with pytest.raises(RegistryError) as info:
+        cache.check("docker.io", "typo/name", "latest")
+    assert info.value.status == 401
+    cache.check("docker.io", "typo/other", "v1")
+
+
 @pytest.mark.parametrize(
     "error",
     [
-        RegistryError.unauthorized(),
         RegistryError.denied(),
         RegistryError.too_many_requests("9"),
         RegistryError.unavailable(),

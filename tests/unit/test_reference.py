@@ -44,8 +44,11 @@ def test_routes(path, ns, expected):
         ("Alpine/manifests/latest", None, "NAME_INVALID"),
         ("../etc/manifests/latest", None, "NAME_INVALID"),
         ("a//b/manifests/latest", None, "NAME_INVALID"),
-        ("a/manifests/-bad", None, "TAG_INVALID"),
-        ("a/manifests/" + "t" * 129, None, "TAG_INVALID"),
+        # A tag no manifest can have is "not there" for a read (TAG_INVALID is for pushes).
+        ("a/manifests/-bad", None, "MANIFEST_UNKNOWN"),
+        ("a/manifests/.INVALID", None, "MANIFEST_UNKNOWN"),
+        ("a/manifests/" + "t" * 129, None, "MANIFEST_UNKNOWN"),
+        ("a/manifests/sha256:" + "a" * 63, None, "DIGEST_INVALID"),
         ("a/blobs/sha256:" + "a" * 63, None, "DIGEST_INVALID"),
         ("a/blobs/sha512:" + "a" * 64, None, "DIGEST_INVALID"),
         ("a/blobs/latest", None, "DIGEST_INVALID"),
@@ -72,4 +75,5 @@ def test_any_path_parses_or_is_a_client_error_and_stays_inside_the_store(path, n
         return
     assert ".." not in route.repository.split("/")
     if route.endpoint is Endpoint.BLOB:
-        assert store.path(route.reference).is_relative_to("/data/blobs")
+        # Resolved, not compared as text: "/data/blobs/sha256/../.." starts with the prefix.
+        assert store.path(route.reference).resolve().is_relative_to("/data/blobs")
