@@ -34,8 +34,9 @@ async def test_ctr_pulling_alias_tags_costs_heads_and_one_get_per_digest(
     async with containerd() as ctd:
         ctr = ("ctr", "--address", ctd.address, "--namespace", "aliases")
         for tag in ALIASES:
+            ref = f"docker.io/library/alpine:{tag}"
             await run(*ctr, "images", "pull", "--hosts-dir", str(hosts), "--platform",
-                      "linux/amd64", "--snapshotter", "native", f"docker.io/library/alpine:{tag}")  # fmt: skip
+                      "linux/amd64", "--snapshotter", "native", ref)  # fmt: skip
             assert image.digest in await run(*ctr, "images", "ls")
     gets = [r.path.rsplit("/", 1)[1] for r in hub.manifest_gets()]
     heads = [r.path.rsplit("/", 1)[1] for r in hub.requests("registry", "HEAD", "/manifests/")]
