@@ -31,6 +31,7 @@ from mirror.keys import (
     EVICTOR,
     FETCHER,
     INDEX,
+    MEMBERSHIP,
     REFERRERS,
     RESOLVER,
     ROUTE,
@@ -45,6 +46,7 @@ from mirror.keys import (
 )  # fmt: skip
 from mirror.logs import AccessLogger
 from mirror.manifests import ManifestResolver
+from mirror.membership import BlobMembership
 from mirror.metrics import BUILD_INFO, CACHE_MAX_BYTES, observers
 from mirror.missing import MissingCache
 from mirror.probes import add_probe_routes, add_readiness, healthz_for, metrics
@@ -184,6 +186,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     traffic = TrafficRecorder(index)
     tag_lists = TagLists(clients)
     referrers = ReferrerLists(clients, resolver)
+    membership = BlobMembership(index, clients, visibility, shared)
 
     app = web.Application(middlewares=[observe, registry_errors], client_max_size=1024 * 1024)
     app[CONFIG] = config
@@ -194,6 +197,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app[RESOLVER] = resolver
     app[TAG_LISTS] = tag_lists
     app[REFERRERS] = referrers
+    app[MEMBERSHIP] = membership
     app[EVICTOR] = evictor
     app[ACCESS] = access
     app[VISIBILITY] = visibility
@@ -219,6 +223,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         await webhooks.close()
         await fetcher.close()
         await referrers.close()
+        await membership.close()
         await tag_lists.close()
         await resolver.close()
         await visibility.close()

@@ -65,10 +65,15 @@ class CachedBlob:
 class InflightFetch:
     """The observable state of one download, shared by all its readers."""
 
-    def __init__(self, digest: str, path: Path, final_path: Path) -> None:
+    def __init__(
+        self, digest: str, path: Path, final_path: Path, origin: tuple[str, str] | None = None
+    ) -> None:
         self.digest = digest
         self.path = path  # the temp file; switches to the final path at commit
         self.final_path = final_path
+        # (registry, repository) the upstream is sending it for; None when following another
+        # worker's download. Readers for any other repository must be confirmed first.
+        self.origin = origin
         self.size: int | None = None
         self.received = 0
         self.verified = False
@@ -277,7 +282,7 @@ class BlobFetcher:
             return fetch, True
         writer = self._store.writer(digest)
         claim.note(temp=writer.temp_path.name)
-        fetch = InflightFetch(digest, writer.temp_path, final_path)
+        fetch = InflightFetch(digest, writer.temp_path, final_path, (registry, repository))
         INFLIGHT_FETCHES.inc()
         self._start(fetch, self._run(fetch, writer, claim, self._clients[registry], repository))
         return fetch, False
@@ -380,6 +385,7 @@ class BlobFetcher:
                 await writer.sync_directory()
                 if not await self._index.add_blob(fetch.digest, fetch.received, media_type):
                     self._evictor.release(fetch.received)  # its bytes were counted already
+                await self._index.add_holder(client.registry.name, repository, fetch.digest)
             except Exception:
                 # The verified file is in place and being served; a missing row is what
                 # start-up reconciliation repairs. Readers must not be failed for it.

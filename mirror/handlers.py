@@ -15,6 +15,7 @@ from mirror.keys import (
     CONFIG,
     FETCHER,
     INDEX,
+    MEMBERSHIP,
     REFERRERS,
     RESOLVER,
     STORE,
@@ -88,27 +89,36 @@ async def manifest(request: web.Request, route: Route) -> web.Response:
 
 
 async def blob(request: web.Request, route: Route) -> web.StreamResponse:
+    """A blob by digest, from disk, from a download in flight, or fetched now.
+
+    Stored once by digest, served per repository: what is on disk or downloading for another
+    repository is served under this one only once this one is known to hold it (see
+    membership.py). What is fetched now is fetched as this repository, so upstream decides."""
     fetcher = request.app[FETCHER]
-    digest = route.reference
-    await request.app[VISIBILITY].check(
-        route.registry, route.repository, f"blobs/{digest}", _authorization(request)
+    registry, repository, digest = route.registry, route.repository, route.reference
+    grant = await request.app[VISIBILITY].check(
+        registry, repository, f"blobs/{digest}", _authorization(request)
     )
     if request.method == "HEAD" and not fetcher.has(digest):
         # A HEAD never starts a download: it is answered with an upstream HEAD, which is free.
-        size = await fetcher.upstream_size(route.registry, route.repository, digest)
+        size = await fetcher.upstream_size(registry, repository, digest)
         request["cache"] = "miss"
         return await send_blob_head(request, digest, size)
     if request.app[STORE].full and not fetcher.has(digest):
         request["cache"] = "miss"
-        length, chunks = await fetcher.stream_uncached(route.registry, route.repository, digest)
+        length, chunks = await fetcher.stream_uncached(registry, repository, digest)
         return await send_uncached_blob(request, digest, length, chunks)
-    found = fetcher.open_or_join(route.registry, route.repository, digest)
+    found = fetcher.open_or_join(registry, repository, digest)
+    membership = request.app[MEMBERSHIP]
     if isinstance(found, CachedBlob):
-        request["cache"] = "hit"
-        request.app[ACCESS].touch(digest)
         with found.file:
+            await membership.check(registry, repository, digest, grant)
+            request["cache"] = "hit"
+            request.app[ACCESS].touch(digest)
             return await send_cached_blob(request, found.file, digest, found.size)
     fetch, joined = found
+    if fetch.origin != (registry, repository):
+        await membership.check(registry, repository, digest, grant)
     request["cache"] = "coalesced" if joined else "miss"
     return await send_inflight_blob(request, fetch, joined)
 

@@ -11,6 +11,7 @@ from mirror.config import Config
 from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
 from mirror.manifests import ManifestResolver
+from mirror.membership import BlobMembership
 from mirror.reference import Route
 from mirror.referrers import ReferrerLists
 from mirror.store.blobs import BlobStore
@@ -35,6 +36,7 @@ VIEWS = web.AppKey("views", ImageViews)
 CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)
 TAG_LISTS = web.AppKey("tag_lists", TagLists)
 REFERRERS = web.AppKey("referrers", ReferrerLists)
+MEMBERSHIP = web.AppKey("membership", BlobMembership)
 
 # Set by the handlers. Manifest and blob requests have a cache result (hit, miss, stale,
 # coalesced), tag lists too (miss, stale); `/v2/`, `_catalog`, the web page and the probes touch

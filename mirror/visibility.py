@@ -25,6 +25,7 @@ import base64
 import hashlib
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from cachetools import LRUCache
 
@@ -37,6 +38,18 @@ CLIENT_TTL = 60.0  # seconds a client's credentials stay accepted (or refused) f
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="mirror"'}
 
 Key = tuple[str, str]  # registry, repository
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """How a request was let in to a repository: it is public upstream (or the registry has no
+    credentials, so all it holds is), or, with passthrough, the client's own upstream
+    `credentials` may pull it. Anything asked upstream on the request's behalf is asked so."""
+
+    credentials: tuple[str, str] | None = field(default=None, repr=False)
+
+
+PUBLIC = Grant()
 ClientKey = tuple[str, str, str]  # registry, repository, sha256 of the Authorization header
 
 
@@ -81,15 +94,15 @@ class Visibility:
 
     async def check(
         self, registry: str, repository: str, probe: str, authorization: str | None = None
-    ) -> None:
+    ) -> Grant:
         """Raise the anonymous client's 401 unless the repository is public upstream, or, with
-        passthrough, the client's own credentials may pull it there.
+        passthrough, the client's own credentials may pull it there; say which it was.
 
         `probe`: the request suffix to ask upstream (`manifests/<ref>`, `blobs/<digest>`,
         `tags/list`), the very thing the client asked for.
         """
         if self.known_public(registry, repository):
-            return
+            return PUBLIC
         key = (registry, repository)
         known = self._known.get(key)
         if known is not None and self._clock() < known[1]:
@@ -97,7 +110,7 @@ class Visibility:
         else:
             public, _ = await self._probes.do(key, lambda: self._probe(key, probe, known))
         if public:
-            return
+            return PUBLIC
         if self._anonymous[registry].registry.private != "passthrough":
             raise RegistryError.unauthorized(
                 "authentication required: this repository is not public upstream"
@@ -110,6 +123,20 @@ class Visibility:
                 401, "UNAUTHORIZED", "authentication required: the upstream's credentials for "
                 "this repository", headers=CHALLENGE,
             )  # fmt: skip
+        return Grant(credentials)
+
+    async def status_as(
+        self, grant: Grant, default: RegistryClient, repository: str, probe: str
+    ) -> int:
+        """The upstream's status for `probe`, asked the way the request was let in: with the
+        client's own credentials where passthrough let it in, else with `default`."""
+        if grant.credentials is None or self._as_client is None:
+            return await _status(default, repository, probe)
+        client = self._as_client(default.registry.name, *grant.credentials)
+        try:
+            return await _status(client, repository, probe)
+        finally:
+            await client.close()
 
     async def _client_may_pull(
         self, registry: str, repository: str, probe: str, authorization: str,

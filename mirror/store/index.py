@@ -17,7 +17,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: blob_repositories
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -60,6 +60,13 @@ CREATE TABLE IF NOT EXISTS tags (
     confirmed   REAL NOT NULL,
     PRIMARY KEY (registry, repository, tag)
 );
+CREATE TABLE IF NOT EXISTS blob_repositories (
+    registry    TEXT NOT NULL,  -- a blob this repository is known to hold without a cached
+    repository  TEXT NOT NULL,  -- manifest of it naming the blob: fetched under it, or
+    digest      TEXT NOT NULL,  -- confirmed by the upstream as it (see membership.py)
+    PRIMARY KEY (registry, repository, digest)
+);
+CREATE INDEX IF NOT EXISTS blob_repositories_by_digest ON blob_repositories (digest);
 CREATE TABLE IF NOT EXISTS traffic (
     hour            INTEGER PRIMARY KEY,  -- unix time // 3600
     cache_bytes     INTEGER NOT NULL DEFAULT 0,  -- blob bytes served without crossing the internet
@@ -311,6 +318,30 @@ class Index:
         await self._db.executemany("DELETE FROM manifests WHERE digest = ?", rows)
         await self._db.executemany("DELETE FROM refs WHERE parent = ?", rows)
         await self._db.executemany("DELETE FROM tags WHERE digest = ?", rows)
+        await self._db.executemany("DELETE FROM blob_repositories WHERE digest = ?", rows)
+        await self._db.commit()
+
+    # -- which repository holds which blob ---------------------------------------------------------
+    @_serialized
+    async def holds(self, registry: str, repository: str, digest: str) -> bool:
+        """Is `digest` known to be in this repository: a cached manifest of it (the blob
+        itself, or a manifest naming it), or a recorded fetch or upstream confirmation?"""
+        async with self._db.execute(
+            "SELECT 1 FROM blob_repositories WHERE registry=? AND repository=? AND digest=? "
+            "UNION ALL SELECT 1 FROM manifests WHERE registry=? AND repository=? AND digest=? "
+            "UNION ALL SELECT 1 FROM refs r JOIN manifests m ON m.digest = r.parent "
+            "WHERE r.child=? AND m.registry=? AND m.repository=? LIMIT 1",
+            (registry, repository, digest) * 2 + (digest, registry, repository),
+        ) as cur:
+            return await cur.fetchone() is not None
+
+    @_serialized
+    async def add_holder(self, registry: str, repository: str, digest: str) -> None:
+        await self._db.execute(
+            "INSERT OR IGNORE INTO blob_repositories (registry, repository, digest) "
+            "VALUES (?, ?, ?)",
+            (registry, repository, digest),
+        )
         await self._db.commit()
 
     @_serialized
@@ -438,22 +469,20 @@ class Index:
             return await cur.fetchone() is not None
 
     @_serialized
-    async def tags_sharing(
-        self, child: str, outside: set[str], limit: int
-    ) -> tuple[int, list[str]]:
-        """Cached tags (`registry/repository:tag`) that name `child`, directly or through an
-        index, other than tags of the digests `outside`: how many, and the first `limit`."""
+    async def tags_sharing(self, child: str, outside: set[str]) -> list[tuple[str, str, str]]:
+        """Cached tags (registry, repository, tag) that name `child`, directly or through an
+        index, other than tags of the digests `outside`, in name order."""
         async with self._db.execute(
             "WITH RECURSIVE up(d) AS ("
             "  SELECT parent FROM refs WHERE child = ?"
             "  UNION SELECT r.parent FROM refs r JOIN up ON r.child = up.d"
-            ") SELECT t.registry || '/' || t.repository || ':' || t.tag FROM tags t "
+            ") SELECT t.registry, t.repository, t.tag FROM tags t "
             "WHERE t.digest IN (SELECT d FROM up) "
-            f"AND t.digest NOT IN ({','.join('?' * len(outside))}) ORDER BY 1",
+            f"AND t.digest NOT IN ({','.join('?' * len(outside))}) "
+            "ORDER BY t.registry, t.repository, t.tag",
             (child, *outside),
         ) as cur:
-            others = [str(r[0]) async for r in cur]
-        return len(others), others[:limit]
+            return [(str(r[0]), str(r[1]), str(r[2])) async for r in cur]
 
     # -- traffic history (hourly) -----------------------------------------------------------------
     @_serialized

@@ -8,6 +8,7 @@ page of 50 images costs 50 dictionary lookups once warm.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from cachetools import LRUCache
@@ -17,6 +18,11 @@ from mirror.store.blobs import BlobStore
 from mirror.store.index import ImageRow, Index
 
 SHARED_NAMES_SHOWN = 5
+Visible = Callable[[str, str], bool]  # may (registry, repository) be named to this viewer?
+
+
+def _everything(_registry: str, _repository: str) -> bool:
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +153,14 @@ class ImageViews:
     def _config_platform(self, digest: str) -> str:
         return platform_label(_document(self._store.read(digest)))
 
-    async def detail(self, registry: str, repository: str, digest: str) -> ImageDetail | None:
+    async def detail(
+        self, registry: str, repository: str, digest: str, visible: Visible = _everything
+    ) -> ImageDetail | None:
+        """The image `digest` as cached for this repository (None unless a manifest of this
+        repository is it: a digest cached for another repository is not this one's to show).
+        `visible` decides which other repositories may be named as sharing its layers."""
+        if await self._index.get_manifest_type(registry, repository, digest) is None:
+            return None
         blob = await self._index.blob_row(digest)
         data = self._store.read(digest)
         if blob is None or data is None:
@@ -157,11 +170,11 @@ class ImageViews:
         own = set(closure)
         if media_type in INDEX_TYPES:
             images = [
-                await self._platform_image(label, child, child_size, own)
+                await self._platform_image(label, child, child_size, own, visible)
                 for label, child, child_size in index_entries(data)
             ]
         else:
-            images = [await self._platform_image("", digest, size, own, data)]
+            images = [await self._platform_image("", digest, size, own, visible, data)]
         if images and not images[0].platform and images[0].config is not None:
             images[0] = replace(images[0], platform=self._config_platform(images[0].config.digest))
         tags = await self._index.tags_of(registry, repository, digest)
@@ -171,20 +184,27 @@ class ImageViews:
         )  # fmt: skip
 
     async def _platform_image(
-        self, label: str, digest: str, size: int, own: set[str], data: bytes | None = None
-    ) -> PlatformImage:
+        self, label: str, digest: str, size: int, own: set[str], visible: Visible,
+        data: bytes | None = None,
+    ) -> PlatformImage:  # fmt: skip
         data = data if data is not None else self._store.read(digest)
         if data is None:
             return PlatformImage(label, digest, size, cached=False)
         config, layers = manifest_parts(data)
         return PlatformImage(
             label, digest, size, cached=True,
-            config=await self._layer(config, own) if config else None,
-            layers=tuple([await self._layer(layer, own) for layer in layers]),
+            config=await self._layer(config, own, visible) if config else None,
+            layers=tuple([await self._layer(layer, own, visible) for layer in layers]),
         )  # fmt: skip
 
-    async def _layer(self, part: tuple[str, int, str], own: set[str]) -> Layer:
+    async def _layer(self, part: tuple[str, int, str], own: set[str], visible: Visible) -> Layer:
         digest, size, media_type = part
         cached = await self._index.blob_row(digest) is not None
-        count, names = await self._index.tags_sharing(digest, own, SHARED_NAMES_SHOWN)
-        return Layer(digest, size, media_type, cached, count, tuple(names))
+        names = [
+            f"{registry}/{repository}:{tag}"
+            for registry, repository, tag in await self._index.tags_sharing(digest, own)
+            if visible(registry, repository)
+        ]
+        return Layer(
+            digest, size, media_type, cached, len(names), tuple(names[:SHARED_NAMES_SHOWN])
+        )

@@ -119,7 +119,7 @@ class WebPages:
         registry, _, repository = name.partition("/")
         found = None
         if at and repository and self._visible(registry, repository):
-            found = await self._main[VIEWS].detail(registry, repository, digest)
+            found = await self._main[VIEWS].detail(registry, repository, digest, self._visible)
         if found is None:
             raise RegistryError(404, "MANIFEST_UNKNOWN", "this image is not in the cache")
         title = routed_name(registry, repository)

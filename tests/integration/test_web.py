@@ -90,6 +90,28 @@ async def test_detail_page_shows_layers_and_what_they_share(
     await page(http, f"{base}/image/nonsense", status=404)
 
 
+async def test_the_public_page_never_names_a_private_repository_sharing_a_layer(
+    hub: FakeHub, start_mirror: StartMirror, start_admin, http
+):
+    shared = {"etc/base.txt": b"a base layer both use\n" * 100}
+    public = make_image([shared, {"app/open": b"open\n"}], label="open")
+    secret = make_image([shared, {"app/secret": b"secret\n"}], label="secret")
+    hub.add("team/open", "v1", public)
+    hub.add("acme/secret", "v1", secret, private=True)
+    server = await start_mirror(hub.registry_url, **CREDS)
+    base = mirror_url(server)
+    await pull(http, base, "team/open", "v1")
+    admin = str((await start_admin(server)).make_url("")).rstrip("/")
+    async with http.post(f"{admin}/admin/pin", json={"image": "acme/secret:v1"}) as resp:
+        assert resp.status == 200
+    path = f"/image/docker.io/team/open@{public.digest}"
+    shared_row = re.findall(r'<tr class="layer">(.*?)</tr>', await page(http, base + path))[0]
+    assert public.layers()[0].digest in shared_row
+    assert "acme/secret" not in shared_row and '<td class="shared">—</td>' in shared_row
+    admin_row = re.findall(r'<tr class="layer">(.*?)</tr>', await page(http, admin + path))[0]
+    assert "1: docker.io/acme/secret:v1" in admin_row
+
+
 async def test_private_repositories_are_listed_only_on_the_admin_page(
     hub: FakeHub, start_mirror: StartMirror, start_admin, http
 ):
