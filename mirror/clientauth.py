@@ -53,16 +53,22 @@ class ClientAuth:
         self._verified: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=REMEMBER)
 
     @property
-    def enabled(self) -> bool:
-        return self._users is not None
-
-    @property
     def anonymous_allowed(self) -> bool:
         """May a request without credentials go on (to public content)?"""
         return self._users is None or self.anonymous_pull
 
+    @property
+    def challenges(self) -> bool:
+        """Should `/v2/` ask for credentials? Not when anonymous clients may pull anyway: the
+        Docker daemon answers a mirror's challenge with the user's Docker Hub login (moby#42022),
+        which no mirror user has, and on a refusal it skips the mirror for Docker Hub."""
+        return self._users is not None and not self.anonymous_pull
+
     async def check(self, authorization: str | None) -> None:
-        """Raise 401 with a Basic challenge unless the request may proceed."""
+        """Raise 401 with a Basic challenge unless the request may proceed.
+
+        With `anonymous_pull`, credentials that match no mirror user are those of an anonymous
+        client (a Docker Hub login sent along, say), never a reason to refuse."""
         if self._users is None:
             return
         if authorization is None:
@@ -74,7 +80,7 @@ class ClientAuth:
         if ok is None:
             ok = await asyncio.to_thread(self._verify, authorization)
             self._verified[key] = ok
-        if not ok:
+        if not ok and not self.anonymous_pull:
             raise RegistryError(
                 401, "UNAUTHORIZED", "wrong username or password", headers=CHALLENGE
             )

@@ -44,13 +44,13 @@ def _authorization(request: web.Request) -> str | None:
 
 
 async def v2_root(request: web.Request) -> web.Response:
-    """The API version check. A challenge only where `private = "passthrough"` wants clients'
-    credentials: Docker and skopeo learn auth here, and Docker then sends the user's login
-    (moby#42022), which the mirror otherwise has no use for."""
+    """The API version check. A challenge only where credentials are needed: the mirror's own
+    users without `anonymous_pull`, or `private = "passthrough"`. Docker and skopeo learn auth
+    here, and Docker then sends the user's Docker Hub login (moby#42022)."""
     if request.method not in READ_METHODS:
         raise RegistryError.unsupported()
     auth = request.app[CLIENT_AUTH]
-    wants_login = auth.enabled or request.app[VISIBILITY].challenges
+    wants_login = auth.challenges or request.app[VISIBILITY].challenges
     if wants_login and "Authorization" not in request.headers:
         raise RegistryError(401, "UNAUTHORIZED", "credentials accepted", headers=CHALLENGE)
     await auth.check(_authorization(request))
