@@ -54,6 +54,7 @@ RESUME_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0)
 CDN_EXPIRED = {403, 404, 410}  # a signed CDN URL that expired: ask the registry again
 FOLLOW_POLL = 0.005  # seconds between looks at another worker's download
 RELAY_WINDOW = 64 * 1024 * 1024  # bytes kept in memory for readers once the disk is full
+QUEUED_HEADERS = 2.0  # seconds a queued download's clients wait before headers come from a HEAD
 
 
 @dataclass(slots=True)
@@ -354,9 +355,16 @@ class BlobFetcher:
         client: RegistryClient,
         repository: str,
     ) -> None:
+        announce = asyncio.create_task(
+            self._announce_while_queued(fetch, writer, claim, client, repository)
+        )
         try:
-            async with self._slots[client.registry.name]:
-                media_type = await self._download(fetch, writer, claim, client, repository)
+            try:
+                async with self._slots[client.registry.name]:
+                    announce.cancel()
+                    media_type = await self._download(fetch, writer, claim, client, repository)
+            finally:
+                announce.cancel()
             # Clients get their last byte once the bytes are proven right, not once they are
             # durable: fsync of a large layer can take longer than its download.
             writer.verify()
@@ -417,6 +425,30 @@ class BlobFetcher:
             self._inflight.pop(fetch.digest, None)
             INFLIGHT_FETCHES.dec()
 
+    async def _announce_while_queued(
+        self,
+        fetch: InflightFetch,
+        writer: BlobWriter,
+        claim: Claim,
+        client: RegistryClient,
+        repository: str,
+    ) -> None:
+        """A download waiting for a slot (`max_upstream_fetches`) for QUEUED_HEADERS seconds
+        gets its size from an upstream HEAD (free), so its clients get their response headers
+        now: containerd gives up on a response without headers after 30 s, and a 503 would
+        send it (and Docker) past the mirror to the registry itself. The body follows once the
+        download has its slot. Best effort: the download reports any upstream error itself."""
+        await asyncio.sleep(QUEUED_HEADERS)
+        try:
+            resp = await client.request("HEAD", repository, f"blobs/{fetch.digest}")
+            async with resp:
+                size = resp.content_length if resp.status == 200 else None
+        except (RegistryError, *TRANSIENT_ERRORS):
+            return
+        if size is not None and fetch.size is None and not writer.received:
+            fetch.started(size)
+            claim.note(temp=writer.temp_path.name, size=size)
+
     async def _download(
         self,
         fetch: InflightFetch,
@@ -444,10 +476,16 @@ class BlobFetcher:
                             raise ConnectionError(f"upstream answered {resp.status}")
                         raise error
                     skip = _resume_offset(resp, writer.received)
-                    if fetch.size is None and not writer.received:
+                    if not writer.received:  # the first answer (resumes carry a Range)
                         media_type = resp.headers.get("Content-Type")
-                        fetch.started(_total_size(resp))
-                        claim.note(temp=writer.temp_path.name, size=fetch.size)
+                        total = _total_size(resp)
+                        if fetch.size is None:
+                            fetch.started(total)
+                            claim.note(temp=writer.temp_path.name, size=fetch.size)
+                        elif total is not None and total != fetch.size:
+                            raise DigestMismatch(
+                                fetch.digest, f"{total} bytes where a HEAD said {fetch.size}"
+                            )
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         if skip:
                             cut = min(skip, len(chunk))

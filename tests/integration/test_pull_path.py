@@ -517,6 +517,35 @@ async def test_upstream_downloads_beyond_the_cap_wait_their_turn(hub, start_mirr
     assert hub.cdn_peak == 2, f"{hub.cdn_peak} upstream transfers at once with a cap of 2"
 
 
+async def test_a_download_queued_behind_the_cap_sends_its_headers_within_seconds(
+    hub, start_mirror, http
+):
+    """containerd gives up on a response without headers after 30 s: a download waiting for
+    a slot answers with headers (size from an upstream HEAD) while it waits."""
+    first = make_image([{"first": random_bytes(MiB, 91)}], label="first")
+    queued = make_image([{"queued": random_bytes(MiB, 92)}], label="queued")
+    hub.add("team/first", "v1", first)
+    hub.add("team/queued", "v1", queued)
+    base = mirror_url(await start_mirror(hub.registry_url, max_upstream_fetches=1))
+    hub.slow = 0.3  # 16 chunks of 64 KiB: the first download holds the only slot for ~5 s
+    holder = asyncio.create_task(
+        get(http, f"{base}/v2/team/first/blobs/{first.layers()[0].digest}")
+    )
+    await asyncio.sleep(0.2)
+    started = asyncio.get_running_loop().time()
+    layer = queued.layers()[0]
+    async with http.get(f"{base}/v2/team/queued/blobs/{layer.digest}") as resp:
+        waited = asyncio.get_running_loop().time() - started
+        assert resp.status == 200 and resp.content_length == len(layer.data)
+        assert not holder.done(), "the first download ended before the queued one's headers"
+        hub.slow = 0
+        assert await resp.read() == layer.data
+    assert 1.5 < waited < 3.5, f"headers after {waited:.1f} s"
+    assert (await holder)[2] == first.layers()[0].data
+    assert len(hub.requests("registry", "HEAD", f"/blobs/{layer.digest}")) == 1
+    assert hub.cdn_peak == 1
+
+
 async def test_a_silent_upstream_is_dropped_and_resumed(hub, start_mirror, http):
     image = make_image([{"stall.bin": random_bytes(3 * MiB, 81)}])
     layer = image.layers()[0]
