@@ -125,7 +125,11 @@ async def unpin(request: web.Request) -> web.Response:
 
 
 async def purge(request: web.Request) -> web.Response:
-    """Remove an image's content now (what other images share stays), or all unused content."""
+    """Remove a tag, or an image, now; or all unused content.
+
+    `repo:tag` removes that tag only; `repo@digest` removes the image: every tag of the
+    repository that names it. Then the content goes, except what is still in use: named by
+    another tag (alias tags share a digest), by another cached image, or pinned."""
     main = request.app[MAIN]
     body = await _body(request)
     evictor = main[EVICTOR]
@@ -138,22 +142,36 @@ async def purge(request: web.Request) -> web.Response:
         done = await evictor.expire(seconds)
         return web.json_response({"removed_blobs": done.count, "removed_bytes": done.bytes})
     registry, repository, reference = _image(main, body)
-    digest = reference
-    if ":" not in reference:
+    if ":" in reference:
+        digest, tags = reference, await index.tags_of(registry, repository, reference)
+    else:
         row = await index.get_tag(registry, repository, reference)
         if row is None:
             raise RegistryError.manifest_unknown(reference, "this image is not cached")
-        digest = row.digest
-        await index.delete_tag(registry, repository, reference)
+        digest, tags = row.digest, [reference]
+    for tag in tags:
+        await index.delete_tag(registry, repository, tag)
+    evictor.forgotten()  # every worker drops the tag from its memory, content removed or not
     closure = await index.closure(digest)
-    keep = await index.referenced_outside(set(closure)) | await index.pinned()
+    inside = set(closure)
+    in_use = (
+        await index.referenced_outside(inside)
+        | await index.tagged(inside)
+        | (await index.pinned() & inside)
+    )
+    keep: set[str] = set()
+    for root in in_use:
+        keep |= set(await index.closure(root))
     doomed = [
         (d, size)
         for d, size in closure.items()
         if d not in keep and await index.get_blob(d) is not None
     ]
     done = await evictor.remove(doomed)
-    return await _reply(request, {"removed_blobs": done.count, "removed_bytes": done.bytes})
+    return await _reply(
+        request,
+        {"removed_tags": len(tags), "removed_blobs": done.count, "removed_bytes": done.bytes},
+    )
 
 
 async def _reply(request: web.Request, result: dict[str, Any]) -> web.Response:

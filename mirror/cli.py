@@ -340,7 +340,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(answer)
     else:
-        print(f"removed {answer['removed_blobs']} blobs, {human_bytes(answer['removed_bytes'])}")
+        tags = f"{answer['removed_tags']} tag(s), " if "removed_tags" in answer else ""
+        print(f"removed {tags}{answer['removed_blobs']} blobs, {human_bytes(answer['removed_bytes'])}")
     return 0
 
 

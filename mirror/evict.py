@@ -118,6 +118,11 @@ class Evictor:
         async with self._lock.hold():
             return await self._delete(digests, "purge")
 
+    def forgotten(self) -> None:
+        """Index rows were removed without content (a purged tag): every worker drops its
+        memory caches, as after a deletion, so none keeps serving the tag from memory."""
+        self._shared.content_removed()
+
     async def _evict(
         self, over: Callable[[int], bool], unused_before: float | None = None, reason: str = "size"
     ) -> Evicted:

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS tags (
     confirmed   REAL NOT NULL,
     PRIMARY KEY (registry, repository, tag)
 );
+CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (digest);
 CREATE TABLE IF NOT EXISTS blob_repositories (
     registry    TEXT NOT NULL,  -- a blob this repository is known to hold without a cached
     repository  TEXT NOT NULL,  -- manifest of it naming the blob: fetched under it, or
@@ -365,6 +366,18 @@ class Index:
                 "SELECT parent FROM refs WHERE child = ?", (digest,)
             ) as cur:
                 if any([str(r[0]) not in digests async for r in cur]):
+                    found.add(digest)
+        return found
+
+    @_serialized
+    async def tagged(self, digests: set[str]) -> set[str]:
+        """Those of `digests` some cached tag (any repository) names."""
+        found: set[str] = set()
+        for digest in digests:
+            async with self._db.execute(
+                "SELECT 1 FROM tags WHERE digest = ? LIMIT 1", (digest,)
+            ) as cur:
+                if await cur.fetchone() is not None:
                     found.add(digest)
         return found
 

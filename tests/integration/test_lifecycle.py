@@ -138,3 +138,33 @@ async def test_purge_keeps_what_other_images_share(
     assert not cached(data, one.digest)
     async with http.post(f"{admin}/admin/purge", json={"unused_for": "0s"}) as resp:
         assert (await resp.json())["removed_blobs"] >= 1
+
+
+async def test_purging_one_tag_keeps_the_other_tags_of_its_image(
+    hub: FakeHub, start_mirror, start_admin, http, tmp_path
+):
+    image = make_image([{"alias.bin": random_bytes(MiB, 6)}], label="alias")
+    for tag in ("3.19", "3", "latest"):
+        hub.add("library/alpine", tag, image)
+    server = await start_mirror(hub.registry_url)
+    admin = str((await start_admin(server)).make_url("")).rstrip("/")
+    base = mirror_url(server)
+    for tag in ("3.19", "3", "latest"):
+        await pull(http, base, "library/alpine", tag)
+    await commits_done(server)
+    async with http.post(f"{admin}/admin/purge", json={"image": "alpine:3.19"}) as resp:
+        assert await resp.json() == {"removed_tags": 1, "removed_blobs": 0, "removed_bytes": 0}
+    data = tmp_path / "mirror-data"
+    assert cached(data, image.digest) and cached(data, image.layers()[0].digest)
+    hub.down = True  # what is still cached is served without upstream; the purged tag is not
+    for tag in ("3", "latest"):
+        assert (await pull(http, base, "library/alpine", tag))[image.digest] == image.top.data
+    status, _, _ = await get(http, f"{base}/v2/library/alpine/manifests/3.19")
+    assert status == 503
+    # Asked for the whole image (by digest): its tags and its content go.
+    async with http.post(f"{admin}/admin/purge", json={"image": f"alpine@{image.digest}"}) as resp:
+        answer = await resp.json()
+    assert answer["removed_tags"] == 2 and answer["removed_blobs"] == 3
+    assert not cached(data, image.digest) and not cached(data, image.layers()[0].digest)
+    status, _, _ = await get(http, f"{base}/v2/library/alpine/manifests/latest")
+    assert status == 503
