@@ -1,4 +1,5 @@
-"""Start-up recovery: after a crash or `kill -9`, make index and disk agree again.
+"""Recovery: after a crash or `kill -9`, make index and disk agree again (at start), and clear
+what a dead worker left in `tmp/` (while the other workers serve, see `sweep_after_worker_crash`).
 
 What can be found, and why it is safe to act on it:
 - files in `tmp/`: downloads a crash interrupted; never verified, so removed;
@@ -15,13 +16,16 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mirror.errors import RegistryError
 from mirror.reference import validate_digest
+from mirror.shared import claim_notes, remove_if_unheld
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index
 
@@ -132,3 +136,68 @@ async def recover(store: BlobStore, index_path: Path) -> tuple[Index, RecoveryRe
     report = RecoveryReport(temp_removed, len(rows_dropped), files_indexed, files_deleted, rebuilt)
     (log.warning if report.repaired else log.info)("%s", report.describe())
     return index, report
+
+
+# A worker names its temp file in its claim microseconds after creating it (fetch.py); this is
+# how long after a worker's death the sweep waits, so that every live download's file is named.
+SWEEP_GRACE = 2.0
+_TEMP_NAME = re.compile(r"^(?P<key>[a-z0-9]+-[0-9a-f]+)\.[0-9a-f]+$")  # BlobWriter's names
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    downloads: int = 0
+    bytes: int = 0
+    claims_and_locks: int = 0
+
+
+def orphaned_downloads(
+    temps: Mapping[str, float], claimed: Mapping[str, str | None], died_at: float
+) -> list[str]:
+    """The temp files (name -> mtime) no live download owns, a worker having died at `died_at`.
+
+    `claimed` maps the key (`<algorithm>-<hex>`) of every claim a live worker holds to the temp
+    file its notes name, or None if they could not be read (then all of that blob's temp files
+    stay). Any other temp file is kept if it was written after `died_at`: a live worker's file
+    not named yet (the sweep runs SWEEP_GRACE later, when such a file has been named), or a
+    manifest being stored, which takes no claim. The dead worker wrote nothing after it died.
+    """
+    doomed = []
+    for name, mtime in temps.items():
+        match = _TEMP_NAME.match(name)
+        if match is None or mtime > died_at:
+            continue
+        key = match["key"]
+        if key in claimed and claimed[key] in (None, name):
+            continue
+        doomed.append(name)
+    return sorted(doomed)
+
+
+def sweep_after_worker_crash(tmp: Path, died_at: float) -> Swept:
+    """Remove what a worker killed mid-download left in `tmp/`: its partial downloads (which
+    the size cap does not count and nothing would remove before the next start), its claims
+    and its locks. Call it SWEEP_GRACE after `died_at`. Files of live workers stay: a download
+    in progress holds its claim, which names its temp file; a held lock is left alone."""
+    claimed: dict[str, str | None] = {}
+    removed = 0
+    for claim in tmp.glob("*.claim"):
+        if remove_if_unheld(claim):
+            removed += 1
+            continue
+        notes = claim_notes(claim)
+        temp = notes.get("temp") if notes is not None else None
+        claimed[claim.stem] = temp if isinstance(temp, str) else None
+    temps: dict[str, tuple[float, int]] = {}
+    for entry in os.scandir(tmp):
+        if _TEMP_NAME.match(entry.name):
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:
+                continue  # committed or discarded meanwhile
+            temps[entry.name] = (stat.st_mtime, stat.st_size)
+    downloads = orphaned_downloads({n: t[0] for n, t in temps.items()}, claimed, died_at)
+    for name in downloads:
+        (tmp / name).unlink(missing_ok=True)
+    removed += sum(remove_if_unheld(lock) for lock in tmp.glob("*.lock"))
+    return Swept(len(downloads), sum(temps[n][1] for n in downloads), removed)

@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import struct
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,41 @@ class Claim:
                 os.unlink(self.path)
         os.close(self._fd)
         self._fd = -1
+
+
+def remove_if_unheld(path: Path) -> bool:
+    """Delete a claim or lock file whose holder is gone; False if a live process holds it.
+
+    It is taken with LOCK_EX and unlinked while held, as keyed_lock releases: a process that
+    opened it meanwhile finds the inode gone once it gets the lock, and starts over.
+    """
+    if not path.exists():
+        return False
+    fd = _open_locked(path, fcntl.LOCK_EX)
+    if fd is None:
+        return False
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    finally:
+        os.close(fd)
+    return True
+
+
+def claim_notes(path: Path, attempts: int = 3) -> dict[str, Any] | None:
+    """A claim's notes as its claimant last wrote them; None if they cannot be read (gone, or
+    caught mid-rewrite each time: a rewrite truncates, then writes, microseconds apart)."""
+    for attempt in range(attempts):
+        try:
+            value = json.loads(path.read_bytes() or b"null")
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            value = None
+        if isinstance(value, dict):
+            return value
+        time.sleep(0.001 * (attempt + 1))
+    return None
 
 
 _LAYOUT = struct.Struct("<qq")  # usage bytes, generation
