@@ -7,6 +7,7 @@ import contextlib
 import logging
 import resource
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ from mirror.keys import (
     VISIBILITY,
     cache_result,
 )  # fmt: skip
+from mirror.listeners import ListenError, bind
 from mirror.logs import AccessLogger
 from mirror.manifests import ManifestResolver
 from mirror.membership import BlobMembership
@@ -262,11 +264,37 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-async def run(config: Config, tls: ssl.SSLContext | None = None, worker: int | None = None) -> None:
+async def run(
+    config: Config,
+    tls: ssl.SSLContext | None = None,
+    worker: int | None = None,
+    ready: Callable[[], None] | None = None,
+) -> None:
     """Serve the registry API (and, in a single process or worker 0, the admin API) until
-    SIGTERM or SIGINT. Workers share the listen address through SO_REUSEPORT."""
+    SIGTERM or SIGINT; call `ready` once both listen. Workers share the listen address
+    through SO_REUSEPORT.
+
+    The addresses are bound first: one another process holds stops the start (ListenError)
+    before recovery or anything else touches the data directory (see listeners.py).
+    """
     raise_open_files_limit()
-    app = await create_app(config, worker)
+    admin_sockets: list[socket.socket] = []
+    if worker in (None, 0):
+        admin_sockets = bind(config.admin_host, config.admin_port, "admin_listen", reuse_port=False)
+    try:
+        main_sockets = bind(
+            config.listen_host, config.listen_port, "listen", reuse_port=worker is not None
+        )
+    except ListenError:
+        for sock in admin_sockets:
+            sock.close()
+        raise
+    try:
+        app = await create_app(config, worker)
+    except BaseException:
+        for sock in admin_sockets + main_sockets:
+            sock.close()
+        raise
     BUILD_INFO.labels(__version__).set(1)
     runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=30)
     await runner.setup()
@@ -277,23 +305,27 @@ async def run(config: Config, tls: ssl.SSLContext | None = None, worker: int | N
     admin_runner = web.AppRunner(admin_app, access_log=None)
     await admin_runner.setup()
     loop = asyncio.get_running_loop()
-    listener: asyncio.Server | None = None
+    listeners: list[asyncio.Server] = []
     try:
         # Admin first: once the registry port answers, everything answers.
-        if worker in (None, 0):
-            await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
+        for sock in admin_sockets:
+            await web.SockSite(admin_runner, sock).start()
         # Connections start in the hit path, which hands them to aiohttp (see hitpath.py).
-        listener = await loop.create_server(
-            hit_path_factory(app, runner.server), config.listen_host, config.listen_port,
-            ssl=tls, reuse_port=worker is not None, backlog=1024,
-        )  # fmt: skip
+        for sock in main_sockets:
+            listeners.append(
+                await loop.create_server(
+                    hit_path_factory(app, runner.server), sock=sock, ssl=tls, backlog=1024
+                )
+            )
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready()
         await stop.wait()
         log.info("shutting down")
     finally:
-        if listener is not None:
+        for listener in listeners:
             listener.close()  # no new connections; runner.cleanup drains the open ones
         await admin_runner.cleanup()
         await runner.cleanup()

@@ -20,10 +20,11 @@ from mirror import __version__
 from mirror.app import run, tls_context
 from mirror.clientauth import load_htpasswd
 from mirror.config import Config, ConfigError, load_config
+from mirror.listeners import ListenError
 from mirror.logs import setup_logging
 from mirror.prefetch import human_bytes, prefetch
 from mirror.store.index import Index
-from mirror.workers import WORKER_FLAG, die_with_parent, supervise
+from mirror.workers import WORKER_FLAG, die_with_parent, run_worker, supervise
 
 DESCRIPTION = """\
 A pull-through caching mirror for Docker Hub (and other registries you configure). Point
@@ -148,22 +149,29 @@ def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 2
     setup_logging(args.log_level, args.log_format)
     if args.worker:
-        number, parent = args.worker.split(":")
+        number, parent, report_fd = args.worker.split(":")
         die_with_parent(int(parent))
-        uvloop.run(run(config, tls, int(number)))
-        return 0
-    registries = ", ".join(
-        f"{r.name} -> {r.url}{' (with credentials)' if r.credentials else ''}"
-        for r in config.registries.values()
-    )
-    logging.getLogger("mirror").info(
-        "mirror %s listening on %s:%d (admin %s:%d, %d worker(s)), data in %s; registries: %s",
-        __version__, config.listen_host, config.listen_port, config.admin_host,
-        config.admin_port, config.workers, config.data_dir, registries,
-    )  # fmt: skip
+        return run_worker(config, tls, int(number), int(report_fd))
+
+    def announce() -> None:
+        """Said once the addresses are bound and (with workers) every worker is up."""
+        registries = ", ".join(
+            f"{r.name} -> {r.url}{' (with credentials)' if r.credentials else ''}"
+            for r in config.registries.values()
+        )
+        logging.getLogger("mirror").info(
+            "mirror %s listening on %s:%d (admin %s:%d, %d worker(s)), data in %s; registries: %s",
+            __version__, config.listen_host, config.listen_port, config.admin_host,
+            config.admin_port, config.workers, config.data_dir, registries,
+        )  # fmt: skip
+
     if config.workers > 1:
-        return supervise(config, argv)
-    uvloop.run(run(config, tls))
+        return supervise(config, argv, announce)
+    try:
+        uvloop.run(run(config, tls, ready=announce))
+    except ListenError as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,13 +7,17 @@ both workers; with 16 connections the chance that one worker got them all is 2^-
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
+import time
+from pathlib import Path
 
 import aiohttp
 
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import big_image
-from tests.fixtures.procs import mirror_process
+from tests.fixtures.procs import downloads_settled, mirror_process, wait_http, worker_pids
 from tests.integration.test_pull_path import ALL_TYPES
 
 MiB = 1 << 20
@@ -93,3 +97,51 @@ async def test_a_purge_empties_every_workers_memory(hub: FakeHub, tmp_path):
 
             statuses = await asyncio.gather(*(status() for _ in range(CLIENTS)))
         assert 200 not in statuses, f"a worker served a purged manifest from memory: {statuses}"
+
+
+def partial_downloads(data: Path) -> list[Path]:
+    """Temp files of downloads under way (`<algorithm>-<hex>.<random>`; not claims, not locks)."""
+    return [p for p in (data / "tmp").iterdir() if p.suffix not in (".claim", ".lock")]
+
+
+def holder_of(path: Path, pids: list[int]) -> int:
+    """The process among `pids` that has `path` open."""
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == str(path):
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError(f"no worker has {path} open")
+
+
+async def test_a_killed_workers_partial_download_is_swept_and_the_cache_still_works(
+    hub: FakeHub, tmp_path
+):
+    image = big_image("swept", 16 * MiB, seed=7)
+    hub.add("team/app", "v1", image)
+    layer = image.layers()[0]
+    data = tmp_path / "data"
+    hub.slow = 0.01  # about 2.5 s of download: the worker dies in the middle of it
+    async with (
+        mirror_process(data, hub.registry_url, "--workers", "2") as mirror,
+        aiohttp.ClientSession() as http,
+    ):
+        url = f"{mirror.url}/v2/team/app/blobs/{layer.digest}"
+        resp = await http.get(url)
+        await resp.content.readexactly(MiB)
+        [partial] = partial_downloads(data)
+        os.kill(holder_of(partial, list(worker_pids(mirror.proc.pid).values())), signal.SIGKILL)
+        resp.close()
+        deadline = time.monotonic() + 10
+        while partial_downloads(data) or list((data / "tmp").glob("*.claim")):
+            assert time.monotonic() < deadline, f"still in tmp/: {os.listdir(data / 'tmp')}"
+            await asyncio.sleep(0.05)
+        assert "left 1 partial download(s)" in mirror.logs()
+        hub.slow = 0
+        bodies = await fetch_each_on_its_own_connection(url, 4)
+        assert all(body == layer.data for body in bodies)
+        await wait_http(f"{mirror.admin}/healthz")  # back once worker 0 is, if it was the one
+        await downloads_settled(mirror)
+        assert partial_downloads(data) == []
