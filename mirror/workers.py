@@ -39,7 +39,7 @@ import uvloop
 from mirror.app import prepare_data, run
 from mirror.config import Config
 from mirror.listeners import ListenError, hold, probe
-from mirror.recovery import SWEEP_GRACE, sweep_after_worker_crash
+from mirror.recovery import SWEEP_GRACE, Swept, sweep_after_worker_crash
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,11 @@ def _supervise(config: Config, argv: Sequence[str], announce: Callable[[], None]
         if stopping:  # a SIGTERM came meanwhile
             del workers[dead.number]
             continue
-        swept = sweep_after_worker_crash(config.data_dir / "tmp", died_at)
+        try:
+            swept = sweep_after_worker_crash(config.data_dir / "tmp", died_at)
+        except OSError as exc:  # the restart matters more; the next start empties tmp/ anyway
+            log.error("could not sweep tmp/ after worker %d died: %s", dead.number, exc)
+            swept = Swept()
         if swept.downloads or swept.claims_and_locks:
             log.warning(
                 "worker %d left %d partial download(s) (%d bytes) and %d claim/lock file(s) "
