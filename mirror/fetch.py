@@ -215,7 +215,7 @@ class BlobFetcher:
         try:
             f = open(self._store.path(digest), "rb")  # noqa: SIM115 - closed by the caller
         except FileNotFoundError:
-            self._missing.check(registry, repository, digest)
+            self._missing.check(registry, repository, "blob", digest)
             return self.join(registry, repository, digest)
         return CachedBlob(f, os.fstat(f.fileno()).st_size)
 
@@ -252,12 +252,12 @@ class BlobFetcher:
 
     async def upstream_size(self, registry: str, repository: str, digest: str) -> int:
         """Answer a HEAD for a missing blob without downloading it (HEADs are free upstream)."""
-        self._missing.check(registry, repository, digest)
+        self._missing.check(registry, repository, "blob", digest)
         resp = await self._clients[registry].request("HEAD", repository, f"blobs/{digest}")
         async with resp:
             if resp.status != 200 or resp.content_length is None:
                 error = await upstream_error(resp, "blob", digest)
-                self._missing.remember(registry, repository, digest, error)
+                self._missing.remember(registry, repository, "blob", digest, error)
                 raise error
             return resp.content_length
 
@@ -409,7 +409,7 @@ class BlobFetcher:
             fetch.failed(exc)
         except Exception as exc:
             if isinstance(exc, RegistryError):
-                self._missing.remember(client.registry.name, repository, fetch.digest, exc)
+                self._missing.remember(client.registry.name, repository, "blob", fetch.digest, exc)
                 claim.note(error={"status": exc.status, "code": exc.code, "message": exc.message})
             elif self._store.note_if_full(exc):
                 log.warning(

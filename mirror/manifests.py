@@ -135,7 +135,7 @@ class ManifestResolver:
             cached = await self._fresh_tag(registry, repository, reference)
         if cached is not None:
             return cached, "hit"
-        self._missing.check(registry, repository, reference)
+        self._missing.check(registry, repository, "manifest", reference)
         result: Result = "miss"
         try:
             if ":" in reference:
@@ -146,7 +146,7 @@ class ManifestResolver:
                     lambda: self._locked_refresh(registry, repository, reference, accept),
                 )
         except RegistryError as exc:
-            self._missing.remember(registry, repository, reference, exc)
+            self._missing.remember(registry, repository, "manifest", reference, exc)
             raise
         if shared:
             COALESCED.inc()

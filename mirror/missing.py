@@ -26,18 +26,23 @@ class MissingCache:
             maxsize=maxsize, ttl=max(ttl, 0.001), timer=time.monotonic
         )
 
-    def check(self, registry: str, repository: str, reference: str) -> None:
-        """Raise the remembered 404 (or 401) for this reference or its repository, if any."""
-        for key in ((registry, repository, reference), (registry, repository, REPOSITORY)):
+    def check(self, registry: str, repository: str, kind: str, reference: str) -> None:
+        """Raise the remembered 404 (or 401) for this reference or its repository, if any.
+
+        `kind` ("manifest", "blob") keeps a digest that is no manifest apart from a blob of
+        the same digest: the answers differ (MANIFEST_UNKNOWN, BLOB_UNKNOWN)."""
+        scoped = f"{kind}:{reference}"
+        for key in ((registry, repository, scoped), (registry, repository, REPOSITORY)):
             error = self._cache.get(key)
             if error is not None:
                 NEGATIVE_CACHE_HITS.labels(registry).inc()
                 raise error
 
     def remember(
-        self, registry: str, repository: str, reference: str, error: RegistryError
+        self, registry: str, repository: str, kind: str, reference: str, error: RegistryError
     ) -> None:
         if self._ttl <= 0 or error.status not in (401, 404):
             return
-        scope = REPOSITORY if error.code in ("NAME_UNKNOWN", "UNAUTHORIZED") else reference
+        whole = error.code in ("NAME_UNKNOWN", "UNAUTHORIZED")
+        scope = REPOSITORY if whole else f"{kind}:{reference}"
         self._cache[(registry, repository, scope)] = error
