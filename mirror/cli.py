@@ -349,7 +349,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
         _print_json(answer)
     else:
         tags = f"{answer['removed_tags']} tag(s), " if "removed_tags" in answer else ""
-        print(f"removed {tags}{answer['removed_blobs']} blobs, {human_bytes(answer['removed_bytes'])}")
+        print(
+            f"removed {tags}{answer['removed_blobs']} blobs, {human_bytes(answer['removed_bytes'])}"
+        )
     return 0
 
 
