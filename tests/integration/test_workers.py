@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import big_image
@@ -67,10 +71,34 @@ async def test_clients_on_different_workers_share_one_upstream_download(hub: Fak
             if metric_total(metrics, "mirror_requests_total", kind="blob") >= CLIENTS:
                 break
             await asyncio.sleep(0.02)
+        per_worker = blob_requests_by_process(tmp_path / "data" / "metrics")
     # Every worker's counters are in the one scrape: 16 blob requests, 15 of them coalesced.
     assert metric_total(metrics, "mirror_requests_total", kind="blob") == CLIENTS
     assert metric_total(metrics, "mirror_coalesced_requests_total") == CLIENTS - 1
     assert metric_total(metrics, "mirror_served_bytes_total") == CLIENTS * len(layer.data)
+    # ... and both workers served some of them: one downloaded, the other followed.
+    assert len(per_worker) == 2 and all(per_worker.values()), per_worker
+    assert sum(per_worker.values()) == CLIENTS
+
+
+def blob_requests_by_process(metrics_dir: Path) -> dict[int, float]:
+    """Blob requests each worker process counted, from its own multiprocess files."""
+    found: dict[int, float] = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        pid = int(path.stem.removeprefix("counter_"))
+        with tempfile.TemporaryDirectory() as alone:
+            shutil.copy(path, alone)
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, alone)  # type: ignore[no-untyped-call]
+            total = sum(
+                sample.value
+                for metric in registry.collect() if metric.name == "mirror_requests"
+                for sample in metric.samples
+                if sample.name == "mirror_requests_total" and sample.labels["kind"] == "blob"
+            )  # fmt: skip
+        if total:
+            found[pid] = total
+    return found
 
 
 async def test_a_purge_empties_every_workers_memory(hub: FakeHub, tmp_path):
