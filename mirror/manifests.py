@@ -216,11 +216,13 @@ class ManifestResolver:
         await self._index.delete_tag(registry, repository, tag)
 
     async def _by_digest(
-        self, registry: str, repository: str, digest: str, accept: str
+        self, registry: str, repository: str, digest: str, accept: str, asked: str | None = None
     ) -> tuple[Manifest, bool]:
+        """Fetch by digest once for concurrent callers; `asked`: the tag a client named, for the
+        `image.cached` event (the digest itself by default)."""
         return await self._digests.do(
             (registry, repository, digest),
-            lambda: self._locked_fetch(registry, repository, digest, accept),
+            lambda: self._locked_fetch(registry, repository, digest, accept, asked),
         )
 
     def _lock(self, registry: str, repository: str, reference: str) -> Any:
@@ -229,11 +231,11 @@ class ManifestResolver:
         return keyed_lock(self._store.tmp, f"manifest-{key}")
 
     async def _locked_fetch(
-        self, registry: str, repository: str, digest: str, accept: str
+        self, registry: str, repository: str, digest: str, accept: str, asked: str | None
     ) -> Manifest:
         async with self._lock(registry, repository, digest):
             cached = await self._cached(registry, repository, digest)
-            return cached or await self._fetch(registry, repository, digest, accept)
+            return cached or await self._fetch(registry, repository, digest, accept, asked)
 
     async def _locked_refresh(
         self, registry: str, repository: str, tag: str, accept: str
@@ -271,7 +273,7 @@ class ManifestResolver:
             if manifest is None:
                 manifest = await self._cached(registry, repository, digest)
             if manifest is None:
-                manifest, _ = await self._by_digest(registry, repository, digest, accept)
+                manifest, _ = await self._by_digest(registry, repository, digest, accept, tag)
                 result = "miss"
             await self._set_tag(registry, repository, tag, manifest.digest, row)
             return manifest, result
@@ -294,8 +296,11 @@ class ManifestResolver:
         await self._set_tag(registry, repository, tag, manifest.digest, row)
         return manifest, "miss"
 
-    async def _fetch(self, registry: str, repository: str, reference: str, accept: str) -> Manifest:
-        """GET a manifest upstream, verify it, store it byte-for-byte, index it."""
+    async def _fetch(
+        self, registry: str, repository: str, reference: str, accept: str, asked: str | None = None
+    ) -> Manifest:
+        """GET a manifest upstream, verify it, store it byte-for-byte, index it. `asked`: what
+        the client named, if not `reference` (a tag resolved to this digest)."""
         client = self._clients[registry]
         try:
             resp = await client.request(
@@ -343,7 +348,7 @@ class ManifestResolver:
         if new:
             self._events(
                 "image.cached",
-                {"registry": registry, "repository": repository, "reference": reference,
+                {"registry": registry, "repository": repository, "reference": asked or reference,
                  "digest": digest, "media_type": media_type, "size": len(data)},
             )  # fmt: skip
         manifest = Manifest(digest, media_type, data)

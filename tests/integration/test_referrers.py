@@ -144,8 +144,10 @@ async def test_without_the_api_the_referrers_tag_schema_is_read_like_a_tag(hub, 
     )
     assert [d["digest"] for d in found] == [sig.digest]
     assert headers["OCI-Filters-Applied"] == "artifactType"
-    assert [r.path for r in hub.manifest_gets()] == [
-        f"/v2/team/app/manifests/{tag_of(image.digest)}"
+    # Resolved like any tag: a HEAD of the tag, then the index fetched once, by digest.
+    assert [(r.method, r.path) for r in hub.requests("registry", contains="/manifests/")] == [
+        ("HEAD", f"/v2/team/app/manifests/{tag_of(image.digest)}"),
+        ("GET", f"/v2/team/app/manifests/{index.digest}"),
     ]
     hub.reset_log()
     _, found = await referrers(http, base, "team/app", image.digest)
