@@ -27,6 +27,7 @@ from mirror.handlers import add_cache_header, catalog, v2_dispatch, v2_root
 from mirror.hitpath import hit_path_factory
 from mirror.keys import (
     ACCESS,
+    CACHE_RESULT,
     CLIENT_AUTH,
     CONFIG,
     EVICTOR,
@@ -43,7 +44,6 @@ from mirror.keys import (
     UPSTREAMS,
     VIEWS,
     VISIBILITY,
-    cache_result,
 )  # fmt: skip
 from mirror.listeners import ListenError, bind
 from mirror.logs import AccessLogger
@@ -100,7 +100,7 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _started(request: web.Request) -> bool:
-    return bool(request.get(STARTED) or request.get("started"))  # string key: see keys.py
+    return bool(request.get(STARTED))
 
 
 @web.middleware
@@ -117,10 +117,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = response.status
         return response
     finally:
-        route = request.get(ROUTE) or request.get("route")  # string key: see keys.py
+        route = request.get(ROUTE)
         kind = route.endpoint.value if route is not None else "other"
         kind = kind if kind in ("manifest", "blob", "tags") else "other"
-        result = cache_result(request) if kind != "other" else None
+        result = request.get(CACHE_RESULT) if kind != "other" else None
         result = "error" if status >= 400 else result or "none"
         method = request.method if request.method in ("GET", "HEAD") else "other"
         counter, duration = observers(kind, method, result)

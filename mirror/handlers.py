@@ -11,6 +11,7 @@ from mirror.errors import RegistryError
 from mirror.fetch import CachedBlob
 from mirror.keys import (
     ACCESS,
+    CACHE_RESULT,
     CLIENT_AUTH,
     CONFIG,
     FETCHER,
@@ -18,6 +19,7 @@ from mirror.keys import (
     MEMBERSHIP,
     REFERRERS,
     RESOLVER,
+    ROUTE,
     STORE,
     TAG_LISTS,
     VISIBILITY,
@@ -65,7 +67,7 @@ async def v2_dispatch(request: web.Request) -> web.StreamResponse:
     route = parse_v2_path(
         request.match_info["path"], request.query.get("ns"), config.registry_names
     )
-    request["route"] = route
+    request[ROUTE] = route
     if route.endpoint is Endpoint.MANIFEST:
         return await manifest(request, route)
     if route.endpoint is Endpoint.BLOB:
@@ -83,7 +85,7 @@ async def manifest(request: web.Request, route: Route) -> web.Response:
     )
     client_types = parse_accept(tuple(request.headers.getall("Accept", ())))
     found, result = await request.app[RESOLVER].for_client(route, client_types)
-    request["cache"] = result
+    request[CACHE_RESULT] = result
     request.app[ACCESS].touch(found.digest)
     return manifest_response(request, found)
 
@@ -102,10 +104,10 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
     if request.method == "HEAD" and not fetcher.has(digest):
         # A HEAD never starts a download: it is answered with an upstream HEAD, which is free.
         size = await fetcher.upstream_size(registry, repository, digest)
-        request["cache"] = "miss"
+        request[CACHE_RESULT] = "miss"
         return await send_blob_head(request, digest, size)
     if request.app[STORE].full and not fetcher.has(digest):
-        request["cache"] = "miss"
+        request[CACHE_RESULT] = "miss"
         length, chunks = await fetcher.stream_uncached(registry, repository, digest)
         return await send_uncached_blob(request, digest, length, chunks)
     found = fetcher.open_or_join(registry, repository, digest)
@@ -113,13 +115,13 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
     if isinstance(found, CachedBlob):
         with found.file:
             await membership.check(registry, repository, digest, grant)
-            request["cache"] = "hit"
+            request[CACHE_RESULT] = "hit"
             request.app[ACCESS].touch(digest)
             return await send_cached_blob(request, found.file, digest, found.size)
     fetch, joined = found
     if fetch.origin != (registry, repository):
         await membership.check(registry, repository, digest, grant)
-    request["cache"] = "coalesced" if joined else "miss"
+    request[CACHE_RESULT] = "coalesced" if joined else "miss"
     return await send_inflight_blob(request, fetch, joined)
 
 
@@ -133,7 +135,7 @@ async def tags(request: web.Request, route: Route) -> web.Response:
         route.repository,
         lambda: request.app[INDEX].list_tags(route.registry, route.repository),
     )
-    request["cache"] = result
+    request[CACHE_RESULT] = result
     body, link = tags_page(route.repository, found, request.query, request.path)
     headers = {"Link": link} if link else {}
     return web.Response(body=body, content_type="application/json", headers=headers)
@@ -147,7 +149,7 @@ async def referrers(request: web.Request, route: Route) -> web.Response:
         route.registry, route.repository, f"manifests/{digest}", _authorization(request)
     )
     found, result = await request.app[REFERRERS].of(route.registry, route.repository, digest)
-    request["cache"] = result
+    request[CACHE_RESULT] = result
     body, filtered = referrers_index(found, request.query.getall("artifactType", ()))
     headers = {"OCI-Filters-Applied": "artifactType"} if filtered else {}
     return web.Response(body=body, content_type=OCI_INDEX, headers=headers)
@@ -181,5 +183,6 @@ async def catalog(request: web.Request) -> web.Response:
 
 async def add_cache_header(request: web.Request, response: web.StreamResponse) -> None:
     """`X-Mirror-Cache: hit|miss|stale|coalesced`: lets `mirror prefetch` and people see it."""
-    if "cache" in request and response.status < 400:
-        response.headers["X-Mirror-Cache"] = request["cache"]
+    result = request.get(CACHE_RESULT)
+    if result is not None and response.status < 400:
+        response.headers["X-Mirror-Cache"] = result

@@ -44,11 +44,3 @@ MEMBERSHIP = web.AppKey("membership", BlobMembership)
 CACHE_RESULT = web.RequestKey("cache_result", str)
 ROUTE = web.RequestKey("route", Route)  # a parsed /v2/ path, for the request's metric kind
 STARTED = web.RequestKey("started", bool)  # headers sent: an error can only drop the connection
-
-
-def cache_result(request: web.BaseRequest) -> str | None:
-    """The request's cache result, if it has one.
-
-    The string key is read too until handlers.py and responses.py set the typed keys."""
-    result = request.get(CACHE_RESULT) or request.get("cache")
-    return str(result) if result else None

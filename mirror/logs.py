@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from mirror.keys import cache_result
+from mirror.keys import CACHE_RESULT
 
 
 class JsonFormatter(logging.Formatter):
@@ -119,5 +119,5 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         ACCESS_LOG.request(
             self.logger, request.remote, request.method, request.path, response.status,
-            response.body_length, time, cache_result(request) or "-",
+            response.body_length, time, request.get(CACHE_RESULT) or "-",
         )  # fmt: skip

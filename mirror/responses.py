@@ -19,6 +19,7 @@ from aiohttp import web
 from mirror.errors import RegistryError
 from mirror.fetch import InflightFetch
 from mirror.httprange import ByteRange, Unsatisfiable, parse_range
+from mirror.keys import STARTED
 from mirror.manifests import Manifest
 from mirror.mediatypes import content_type_of, is_media_type
 from mirror.metrics import SAVED_BYTES, SERVED_BYTES
@@ -64,7 +65,7 @@ def manifest_response(request: web.BaseRequest, manifest: Manifest) -> web.Respo
 
 async def begin_body(request: web.Request, resp: web.StreamResponse) -> None:
     """Send the headers; from here on an error can only drop the connection."""
-    request["started"] = True
+    request[STARTED] = True
     await resp.prepare(request)
 
 
