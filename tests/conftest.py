@@ -8,6 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from mirror.admin import create_admin_app
 from mirror.app import create_app
@@ -16,6 +17,7 @@ from mirror.reference import DOCKER_HUB
 from tests.fixtures.fakehub import FakeHub
 
 StartMirror = Callable[..., Awaitable[TestServer]]
+StartAdmin = Callable[[TestServer], Awaitable[TestServer]]
 
 
 @pytest.fixture
@@ -57,12 +59,12 @@ def mirror_config(
 
 
 @pytest.fixture
-def start_mirror(aiohttp_server, tmp_path: Path) -> StartMirror:  # type: ignore[no-untyped-def]
+def start_mirror(aiohttp_server: AiohttpServer, tmp_path: Path) -> StartMirror:
     """Start a mirror in this test's event loop; stopped with the test."""
 
     async def start(upstream: str, *, data: Path | None = None, **kw: object) -> TestServer:
         config = mirror_config(data or tmp_path / "mirror-data", upstream, **kw)  # type: ignore[arg-type]
-        return await aiohttp_server(await create_app(config), host="127.0.0.1")  # type: ignore[no-any-return]
+        return await aiohttp_server(await create_app(config), host="127.0.0.1")
 
     return start
 
@@ -76,10 +78,10 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def start_admin(aiohttp_server):  # type: ignore[no-untyped-def]
+def start_admin(aiohttp_server: AiohttpServer) -> StartAdmin:
     """The admin API of an in-process mirror, on its own loopback port."""
 
     async def start(mirror: TestServer) -> TestServer:
-        return await aiohttp_server(create_admin_app(mirror.app), host="127.0.0.1")  # type: ignore[no-any-return]
+        return await aiohttp_server(create_admin_app(mirror.app), host="127.0.0.1")
 
     return start

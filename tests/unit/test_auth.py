@@ -10,7 +10,7 @@ from mirror.upstream.auth import (
 )
 
 
-def test_hub_challenge():
+def test_hub_challenge() -> None:
     [c] = parse_www_authenticate(
         [
             'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
@@ -23,7 +23,7 @@ def test_hub_challenge():
     assert c.scopes == ("repository:library/alpine:pull",)
 
 
-def test_quoted_commas_several_scopes_and_several_challenges():
+def test_quoted_commas_several_scopes_and_several_challenges() -> None:
     challenges = parse_www_authenticate(
         [
             'Basic realm="a, b"',
@@ -35,19 +35,19 @@ def test_quoted_commas_several_scopes_and_several_challenges():
     assert challenges[1].scopes == ("repository:a:pull", "repository:b:pull,push")
 
 
-def test_two_challenges_in_one_header():
+def test_two_challenges_in_one_header() -> None:
     challenges = parse_www_authenticate(['Basic realm="r1", Bearer realm="r2",service=s'])
     assert [(c.scheme, c.realm) for c in challenges] == [("basic", "r1"), ("bearer", "r2")]
     assert challenges[1].service == "s"
 
 
-def test_escaped_quote():
+def test_escaped_quote() -> None:
     [c] = parse_www_authenticate([r'Bearer realm="a\"b"'])
     assert c.realm == 'a"b'
 
 
 @given(st.lists(st.text(max_size=80), max_size=3))
-def test_parser_never_raises(headers):
+def test_parser_never_raises(headers: list[str]) -> None:
     parse_www_authenticate(headers)
 
 
@@ -66,11 +66,13 @@ def test_parser_never_raises(headers):
         ("not a url", "https://ghcr.io", (), False),
     ],
 )
-def test_credentials_only_go_to_the_registrys_own_realm(realm, registry, extra, allowed):
+def test_credentials_only_go_to_the_registrys_own_realm(
+    realm: str, registry: str, extra: tuple[str, ...], allowed: bool
+) -> None:
     assert realm_may_receive_credentials(realm, registry, extra) is allowed
 
 
-def test_token_lifetime_counts_from_receipt_less_a_margin():
+def test_token_lifetime_counts_from_receipt_less_a_margin() -> None:
     token = token_from_response(
         {"token": "t", "expires_in": 300, "issued_at": "1999-01-01T00:00:00Z"}, 1000.0
     )
@@ -80,7 +82,7 @@ def test_token_lifetime_counts_from_receipt_less_a_margin():
         token_from_response({"expires_in": 3}, 0)
 
 
-def test_token_cache_expires(monkeypatch):
+def test_token_cache_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     cache = TokenCache()
     key = ("r", "s", ("scope",), False)
     token = token_from_response({"token": "t", "expires_in": 0.001}, 0)  # already past

@@ -8,7 +8,7 @@ import pytest
 from mirror.cli import _CONFIG_FLAGS, _parser, config_from_args, main
 
 
-def test_every_serve_flag_reaches_the_config(tmp_path):
+def test_every_serve_flag_reaches_the_config(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("pw")
     args = _parser().parse_args(
@@ -18,10 +18,10 @@ def test_every_serve_flag_reaches_the_config(tmp_path):
          "--max-age", "7d", "--admin-listen", "127.0.0.1:7001", "--workers", "3",
          "--tls-cert", "/c.pem", "--tls-key", "/k.pem"]
     )  # fmt: skip
-    serve_dests = {
-        a.dest
-        for a in _parser()._subparsers._group_actions[0].choices["serve"]._actions  # type: ignore[union-attr]
-    } - {"help", "config", "log_level", "log_format", "worker"}  # not Config settings
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    not_settings = {"help", "config", "log_level", "log_format", "worker"}
+    serve_dests = {a.dest for a in subparsers.choices["serve"]._actions} - not_settings
     assert serve_dests == set(_CONFIG_FLAGS)
     config = config_from_args(args)
     hub = config.registries["docker.io"]
@@ -40,12 +40,12 @@ def _help(capsys: pytest.CaptureFixture[str], *command: str) -> str:
     return capsys.readouterr().out.split("\n\n", 1)[1]
 
 
-def test_help_opens_with_what_the_command_does(capsys):
+def test_help_opens_with_what_the_command_does(capsys: pytest.CaptureFixture[str]) -> None:
     assert _help(capsys).startswith("A pull-through caching mirror for Docker Hub")
     assert _help(capsys, "serve").startswith("Serve the registry API on --listen")
 
 
-def test_every_option_of_every_command_has_help():
+def test_every_option_of_every_command_has_help() -> None:
     parser = _parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     undocumented = [c.dest for c in subparsers._choices_actions if not c.help]

@@ -5,7 +5,7 @@ import pytest
 from mirror.config import ConfigError, load_config, parse_duration, parse_size
 
 
-def test_defaults():
+def test_defaults() -> None:
     config = load_config({}, {})
     hub = config.registries["docker.io"]
     assert (config.listen_host, config.listen_port) == ("0.0.0.0", 5000)
@@ -14,7 +14,7 @@ def test_defaults():
     assert hub.credentials is None
 
 
-def test_precedence_flag_over_env_over_file(tmp_path):
+def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
     toml = tmp_path / "m.toml"
     toml.write_text(
         'listen = "127.0.0.1:7000"\ntag_ttl = "1h"\nupstream = "http://file:1"\ndata = "/f"\n'
@@ -28,7 +28,7 @@ def test_precedence_flag_over_env_over_file(tmp_path):
     assert config.data_dir == Path("/f")
 
 
-def test_password_sources_and_secret_never_in_repr(tmp_path):
+def test_password_sources_and_secret_never_in_repr(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
     config = load_config({"upstream_username": "u", "upstream_password_file": str(secret)}, {})
@@ -43,7 +43,7 @@ def test_password_sources_and_secret_never_in_repr(tmp_path):
     ("value", "seconds"),
     [("300", 300), (90, 90), ("90s", 90), ("5m", 300), ("1h", 3600), ("2d", 172800), ("1.5m", 90)],
 )
-def test_durations(value, seconds):
+def test_durations(value: str | int, seconds: int) -> None:
     assert parse_duration(value) == seconds
 
 
@@ -56,12 +56,12 @@ def test_durations(value, seconds):
         ({"upstream_password_file": "/does/not/exist"}, "upstream_password_file"),
     ],
 )
-def test_bad_settings_name_the_setting(flags, text):
+def test_bad_settings_name_the_setting(flags: dict[str, str], text: str) -> None:
     with pytest.raises(ConfigError, match=text):
         load_config(flags, {})
 
 
-def test_unknown_toml_key_is_refused(tmp_path):
+def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:
     toml = tmp_path / "m.toml"
     toml.write_text("tag_tll = 5\n")
     with pytest.raises(ConfigError, match="tag_tll"):
@@ -81,17 +81,17 @@ def test_unknown_toml_key_is_refused(tmp_path):
         ("7B", 7),
     ],
 )
-def test_sizes(value, size):
+def test_sizes(value: str | int, size: int) -> None:
     assert parse_size(value) == size
 
 
 @pytest.mark.parametrize("value", ["", "lots", "5 parsecs", "-1MiB"])
-def test_bad_sizes(value):
+def test_bad_sizes(value: str) -> None:
     with pytest.raises(ConfigError):
         parse_size(value)
 
 
-def test_token_realms_and_negative_ttl(tmp_path):
+def test_token_realms_and_negative_ttl(tmp_path: Path) -> None:
     toml = tmp_path / "m.toml"
     toml.write_text(
         'token_realms = ["login.example", "https://auth.example/token"]\nnegative_ttl = "1m"\n'
@@ -110,7 +110,7 @@ def test_token_realms_and_negative_ttl(tmp_path):
     assert config.negative_ttl == 0
 
 
-def test_registry_tables(tmp_path, monkeypatch):
+def test_registry_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pw = tmp_path / "ghcr-token"
     pw.write_text("ghp_secret\n")
     toml = tmp_path / "m.toml"
@@ -156,14 +156,14 @@ tag_ttl = "10m"
         ('[registries."docker.io"]\ntagttl = "1m"', "tagttl"),
     ],
 )
-def test_bad_registry_tables(tmp_path, table, text):
+def test_bad_registry_tables(tmp_path: Path, table: str, text: str) -> None:
     toml = tmp_path / "m.toml"
     toml.write_text(table + "\n")
     with pytest.raises(ConfigError, match=text):
         load_config({}, {}, str(toml))
 
 
-def test_tls_needs_both_files_and_a_bad_file_stops_the_start(tmp_path):
+def test_tls_needs_both_files_and_a_bad_file_stops_the_start(tmp_path: Path) -> None:
     from mirror.app import tls_context
 
     with pytest.raises(ConfigError, match="tls_cert and tls_key"):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
-from mirror.store import blobs
 from mirror.store.blobs import BlobStore
 
 
@@ -15,9 +15,11 @@ def disk_full_gauge() -> float | None:
     return REGISTRY.get_sample_value("mirror_disk_full")
 
 
-def test_disk_full_mode_lasts_its_window_then_the_gauge_falls_back(tmp_path, monkeypatch):
+def test_disk_full_mode_lasts_its_window_then_the_gauge_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     now = [1000.0]
-    monkeypatch.setattr(blobs.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("mirror.store.blobs.time.monotonic", lambda: now[0])
     store = BlobStore(tmp_path)
     assert not store.note_if_full(OSError(errno.EIO, "i/o error"))
     assert not store.full
@@ -32,5 +34,5 @@ def test_disk_full_mode_lasts_its_window_then_the_gauge_falls_back(tmp_path, mon
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
-def test_quota_and_space_errors_both_count(tmp_path, code):
+def test_quota_and_space_errors_both_count(tmp_path: Path, code: int) -> None:
     assert BlobStore(tmp_path).note_if_full(OSError(code, "full"))

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CITED = re.compile(r"\b(?:docs/[\w.-]+\.md|[\w./-]*PROTOCOL\.md|[\w./-]*CLIENTS\.md)")
 
 
-def test_cited_documents_exist_in_the_repository():
+def test_cited_documents_exist_in_the_repository() -> None:
     sources = [*ROOT.glob("mirror/**/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/*")]
     cited = {
         (path.relative_to(ROOT).as_posix(), name)

@@ -21,24 +21,24 @@ from mirror.httprange import ByteRange, Unsatisfiable, parse_range
         ("bytes=abc", 10, None),
     ],
 )
-def test_parse(header, size, expected):
+def test_parse(header: str | None, size: int, expected: ByteRange | None) -> None:
     assert parse_range(header, size) == expected
 
 
 @pytest.mark.parametrize(
     ("header", "size"), [("bytes=10-", 10), ("bytes=-0", 10), ("bytes=0-", 0), ("bytes=-5", 0)]
 )
-def test_unsatisfiable(header, size):
+def test_unsatisfiable(header: str, size: int) -> None:
     with pytest.raises(Unsatisfiable):
         parse_range(header, size)
 
 
-def test_content_range():
+def test_content_range() -> None:
     assert ByteRange(3, 10).content_range(10) == "bytes 3-9/10"
 
 
 @given(st.text(max_size=40), st.integers(min_value=0, max_value=1 << 40))
-def test_any_header_gives_a_range_inside_the_body_or_none(header, size):
+def test_any_header_gives_a_range_inside_the_body_or_none(header: str, size: int) -> None:
     try:
         rng = parse_range(header, size)
     except Unsatisfiable:

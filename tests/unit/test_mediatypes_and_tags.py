@@ -16,19 +16,19 @@ from mirror.mediatypes import (
 from mirror.tags import paginate
 
 
-def test_accept_reads_every_header_and_drops_parameters():
+def test_accept_reads_every_header_and_drops_parameters() -> None:
     types = parse_accept((f"{OCI_INDEX}, {DOCKER_MANIFEST};q=0.5", "application/json"))
     assert types == {OCI_INDEX, DOCKER_MANIFEST, "application/json"}
 
 
-def test_upstream_always_gets_every_manifest_type_plus_extras():
+def test_upstream_always_gets_every_manifest_type_plus_extras() -> None:
     accept = upstream_accept(frozenset({DOCKER_MANIFEST, "application/x-custom", "*/*"}))
     assert all(t in accept for t in (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
     assert accept.endswith("application/x-custom")
     assert "*/*" not in accept
 
 
-def test_negotiation_like_distribution():
+def test_negotiation_like_distribution() -> None:
     assert negotiate(OCI_INDEX, frozenset(), by_tag=True) is Negotiation.SERVE
     assert negotiate(OCI_INDEX, frozenset({"*/*"}), by_tag=True) is Negotiation.SERVE
     assert (
@@ -41,7 +41,7 @@ def test_negotiation_like_distribution():
     assert negotiate(OCI_MANIFEST, frozenset({OCI_INDEX}), by_tag=False) is Negotiation.REJECT
 
 
-def test_schema2_is_served_to_clients_that_list_only_oci_types():
+def test_schema2_is_served_to_clients_that_list_only_oci_types() -> None:
     """distribution serves Docker schema2 whatever the Accept, by tag and by digest (the OCI
     conformance suite's clients accept only OCI types)."""
     oci_only = frozenset({OCI_INDEX, OCI_MANIFEST})
@@ -51,7 +51,7 @@ def test_schema2_is_served_to_clients_that_list_only_oci_types():
     assert negotiate("application/vnd.example+json", oci_only, by_tag=True) is Negotiation.SERVE
 
 
-def test_only_a_type_subtype_token_is_ever_stored_as_media_type():
+def test_only_a_type_subtype_token_is_ever_stored_as_media_type() -> None:
     injected = json.dumps({"mediaType": "application/x\r\nX-Injected: yes"}).encode()
     assert content_type_of(injected, "application/json") == OCI_MANIFEST
     assert content_type_of(b"{}", "text/x\r\nX-Injected: yes") == OCI_MANIFEST
@@ -62,14 +62,14 @@ def test_only_a_type_subtype_token_is_ever_stored_as_media_type():
     assert not is_media_type("a b/c")
 
 
-def test_content_type_from_header_or_body():
+def test_content_type_from_header_or_body() -> None:
     body = json.dumps({"mediaType": DOCKER_MANIFEST}).encode()
     assert content_type_of(body, f"{OCI_MANIFEST}; charset=utf-8") == OCI_MANIFEST
     assert content_type_of(body, "application/json") == DOCKER_MANIFEST
     assert content_type_of(b'{"manifests": []}', None) == OCI_INDEX
 
 
-def test_platform_child():
+def test_platform_child() -> None:
     index = json.dumps(
         {
             "manifests": [
@@ -82,7 +82,7 @@ def test_platform_child():
     assert platform_child(b"not json") is None
 
 
-def test_paginate():
+def test_paginate() -> None:
     assert paginate(["c", "a", "b"], 2, None) == (["a", "b"], True)
     assert paginate(["c", "a", "b"], 2, "a") == (["b", "c"], False)
     assert paginate(["a"], None, None) == (["a"], False)

@@ -6,7 +6,7 @@ from mirror.errors import RegistryError
 from mirror.missing import MissingCache
 
 
-def test_a_404_is_remembered_for_its_reference_only():
+def test_a_404_is_remembered_for_its_reference_only() -> None:
     cache = MissingCache(ttl=30)
     cache.remember(
         "docker.io", "library/a", "manifest", "nope", RegistryError.manifest_unknown("nope")
@@ -18,7 +18,7 @@ def test_a_404_is_remembered_for_its_reference_only():
     cache.check("docker.io", "library/b", "manifest", "nope")
 
 
-def test_a_missing_manifest_digest_says_nothing_about_a_blob_of_that_digest():
+def test_a_missing_manifest_digest_says_nothing_about_a_blob_of_that_digest() -> None:
     cache = MissingCache(ttl=30)
     digest = "sha256:" + "0" * 64
     cache.remember(
@@ -31,7 +31,7 @@ def test_a_missing_manifest_digest_says_nothing_about_a_blob_of_that_digest():
     assert info.value.code == "BLOB_UNKNOWN"
 
 
-def test_name_unknown_covers_the_whole_repository():
+def test_name_unknown_covers_the_whole_repository() -> None:
     cache = MissingCache(ttl=30)
     cache.remember(
         "docker.io", "nobody/here", "manifest", "v1", RegistryError.name_unknown("nobody/here")
@@ -40,7 +40,7 @@ def test_name_unknown_covers_the_whole_repository():
         cache.check("docker.io", "nobody/here", "manifest", "v2")
 
 
-def test_an_upstream_401_covers_the_whole_repository():
+def test_an_upstream_401_covers_the_whole_repository() -> None:
     """Docker Hub's answer for a missing or private repository, even with a fresh token."""
     cache = MissingCache(ttl=30)
     cache.remember("docker.io", "typo/name", "manifest", "v1", RegistryError.unauthorized())
@@ -58,13 +58,13 @@ def test_an_upstream_401_covers_the_whole_repository():
         RegistryError.unavailable(),
     ],
 )
-def test_other_errors_are_not_remembered(error):
+def test_other_errors_are_not_remembered(error: RegistryError) -> None:
     cache = MissingCache(ttl=30)
     cache.remember("docker.io", "library/a", "manifest", "x", error)
     cache.check("docker.io", "library/a", "manifest", "x")
 
 
-def test_zero_ttl_disables_and_entries_expire():
+def test_zero_ttl_disables_and_entries_expire() -> None:
     off = MissingCache(ttl=0)
     off.remember("r", "n", "manifest", "x", RegistryError.manifest_unknown("x"))
     off.check("r", "n", "manifest", "x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from mirror.access import AccessTracker
 from mirror.evict import Evictor
@@ -18,7 +19,7 @@ async def put(store: BlobStore, data: bytes) -> str:
     return digest
 
 
-async def test_recovery_reconciles_index_and_disk(tmp_path):
+async def test_recovery_reconciles_index_and_disk(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     index, report = await recover(store, tmp_path / "index.db")
     assert not report.repaired
@@ -42,7 +43,7 @@ async def test_recovery_reconciles_index_and_disk(tmp_path):
     await index.close()
 
 
-async def test_a_damaged_index_is_rebuilt_from_disk(tmp_path):
+async def test_a_damaged_index_is_rebuilt_from_disk(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     index, _ = await recover(store, tmp_path / "index.db")
     digest = await put(store, b"survivor")
@@ -57,7 +58,7 @@ async def test_a_damaged_index_is_rebuilt_from_disk(tmp_path):
     await index.close()
 
 
-async def test_eviction_order_is_lru_and_spares_pins_and_fresh_tags(tmp_path):
+async def test_eviction_order_is_lru_and_spares_pins_and_fresh_tags(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     index, _ = await recover(store, tmp_path / "index.db")
     digests = [await put(store, bytes([n]) * 100) for n in range(6)]

@@ -33,7 +33,7 @@ D = "sha256:" + "a" * 64
         ("x/blobs/manifests/v1", None, ("docker.io", "x/blobs", Endpoint.MANIFEST, "v1")),
     ],
 )
-def test_routes(path, ns, expected):
+def test_routes(path: str, ns: str | None, expected: tuple[str, str, Endpoint, str]) -> None:
     route = parse_v2_path(path, ns, REGS)
     assert (route.registry, route.repository, route.endpoint, route.reference) == expected
 
@@ -58,7 +58,7 @@ def test_routes(path, ns, expected):
         ("x/manifests/v1", "quay.io", "NAME_UNKNOWN"),
     ],
 )
-def test_rejections(path, ns, code):
+def test_rejections(path: str, ns: str | None, code: str) -> None:
     with pytest.raises(RegistryError) as info:
         parse_v2_path(path, ns, REGS)
     assert info.value.code == code
@@ -66,7 +66,9 @@ def test_rejections(path, ns, code):
 
 
 @given(st.text(max_size=300), st.one_of(st.none(), st.text(max_size=20)))
-def test_any_path_parses_or_is_a_client_error_and_stays_inside_the_store(path, ns):
+def test_any_path_parses_or_is_a_client_error_and_stays_inside_the_store(
+    path: str, ns: str | None
+) -> None:
     store = BlobStore(Path("/data"))
     try:
         route = parse_v2_path(path, ns, REGS)

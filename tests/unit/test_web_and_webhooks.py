@@ -6,6 +6,8 @@ import hashlib
 import hmac
 import json
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,7 @@ from mirror.web.images import index_entries, manifest_parts, platform_label
 from mirror.webhooks import Webhooks, retry_delay, signature
 
 
-def test_webhooks_from_flags_env_and_tables(tmp_path):
+def test_webhooks_from_flags_env_and_tables(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("s3cret\n")
     assert parse_webhooks("http://a/hook, https://b/x") == (
@@ -44,7 +46,7 @@ def test_webhooks_from_flags_env_and_tables(tmp_path):
         load_config({"web_ui": "lan"}, {})
 
 
-def test_retries_back_off_to_a_minute_and_bodies_are_signed():
+def test_retries_back_off_to_a_minute_and_bodies_are_signed() -> None:
     assert 0.9 <= retry_delay(1) <= 1.1 and 1.8 <= retry_delay(2) <= 2.2
     assert 54 <= retry_delay(7) <= 66 and 54 <= retry_delay(40) <= 66
     body = b'{"type":"tag.updated"}'
@@ -52,11 +54,11 @@ def test_retries_back_off_to_a_minute_and_bodies_are_signed():
     assert signature("k", body) == f"sha256={expected}"
 
 
-def _queued(hooks: Webhooks) -> list[dict[str, object]]:
+def _queued(hooks: Webhooks) -> list[dict[str, Any]]:
     return [json.loads(body) for _, _, body in hooks._receivers[0].queue]
 
 
-def test_upstream_errors_are_throttled_and_say_how_many_were_left_out():
+def test_upstream_errors_are_throttled_and_say_how_many_were_left_out() -> None:
     now = [1000.0]
     hooks = Webhooks((WebhookConfig("http://r/"),), clock=lambda: now[0])
     error = {"registry": "docker.io", "status": "503"}
@@ -66,20 +68,20 @@ def test_upstream_errors_are_throttled_and_say_how_many_were_left_out():
     now[0] += 61
     hooks.emit("upstream.error", error)
     events = _queued(hooks)
-    assert [(e["data"]["registry"], e["data"]["suppressed"]) for e in events] == [  # type: ignore[index]
+    assert [(e["data"]["registry"], e["data"]["suppressed"]) for e in events] == [
         ("docker.io", 0), ("ghcr.io", 0), ("docker.io", 2),
     ]  # fmt: skip
 
 
-def test_a_full_queue_drops_the_oldest_and_filters_by_event():
+def test_a_full_queue_drops_the_oldest_and_filters_by_event() -> None:
     hooks = Webhooks((WebhookConfig("http://r/", frozenset({"blob.evicted"})),), queue_limit=3)
     hooks.emit("image.cached", {"digest": "x"})  # not wanted by this receiver
     for n in range(5):
         hooks.emit("blob.evicted", {"digest": f"d{n}"})
-    assert [e["data"]["digest"] for e in _queued(hooks)] == ["d2", "d3", "d4"]  # type: ignore[index]
+    assert [e["data"]["digest"] for e in _queued(hooks)] == ["d2", "d3", "d4"]
 
 
-def test_chart_buckets_cover_the_range_oldest_first():
+def test_chart_buckets_cover_the_range_oldest_first() -> None:
     rows = {100: Traffic(1, 2, 3, 4), 98: Traffic(10, 0, 1, 0), 50: Traffic(5, 5, 0, 0)}
     hourly = chart_buckets(rows, 100, 3, 1)
     assert hourly == [(98, Traffic(10, 0, 1, 0)), (99, Traffic()), (100, Traffic(1, 2, 3, 4))]
@@ -88,7 +90,7 @@ def test_chart_buckets_cover_the_range_oldest_first():
     assert daily[0][1] == Traffic(5, 5, 0, 0) and daily[2][1] == Traffic(11, 2, 4, 4)
 
 
-def test_chart_draws_one_stacked_bar_per_bucket():
+def test_chart_draws_one_stacked_bar_per_bucket() -> None:
     svg = traffic_chart([(10, Traffic(300, 100, 0, 0)), (11, Traffic())], 1, "a <b> title")
     assert svg.count('<g class="bar"') == 2 and "a &lt;b&gt; title" in svg
     heights = [
@@ -98,7 +100,7 @@ def test_chart_draws_one_stacked_bar_per_bucket():
     assert 'data-cache-bytes="300" data-upstream-bytes="100"' in svg
 
 
-def test_platforms_layers_and_attestations_from_manifests():
+def test_platforms_layers_and_attestations_from_manifests() -> None:
     index = json.dumps({"manifests": [
         {"digest": "sha256:a", "size": 5, "platform": {"os": "linux", "architecture": "arm64",
                                                      "variant": "v8"}},
@@ -120,14 +122,14 @@ def test_platforms_layers_and_attestations_from_manifests():
     assert platform_label("x") == ""
 
 
-def test_listing_escapes_what_it_shows():
+def test_listing_escapes_what_it_shows() -> None:
     html = render.listing([], 0, '<script>alert("x")</script>', 0, admin=False, charts="")
     assert "<script>" not in html and "&lt;script&gt;" in html
     page = render.page("<t>", render.Summary(512, 1024, 3, 1, 10, 20), html)
     assert "<title>&lt;t&gt;</title>" in page and "(50%)" in page and "75.0%" in page
 
 
-async def test_search_is_a_literal_substring_and_traffic_adds_up(tmp_path):
+async def test_search_is_a_literal_substring_and_traffic_adds_up(tmp_path: Path) -> None:
     index = await Index.open(tmp_path / "index.db")
     try:
         for tag in ("v1", "v1_x", "v10%", "latest"):

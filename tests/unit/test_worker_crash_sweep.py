@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from mirror.recovery import orphaned_downloads, sweep_after_worker_crash
 from mirror.shared import Claim
@@ -12,7 +13,7 @@ B = "sha256-" + "b" * 64
 C = "sha256-" + "c" * 64
 
 
-def test_orphaned_downloads():
+def test_orphaned_downloads() -> None:
     died_at = 1000.0
     temps = {
         f"{A}.000000000001": 990.0,  # named by A's live claim: a download under way
@@ -29,7 +30,7 @@ def test_orphaned_downloads():
     ]
 
 
-def test_sweep_leaves_live_claims_and_removes_dead_ones(tmp_path):
+def test_sweep_leaves_live_claims_and_removes_dead_ones(tmp_path: Path) -> None:
     live = Claim.take(tmp_path / f"{A}.claim")  # held by this process: a live download
     live.note(temp=f"{A}.000000000001")
     files = [
