@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import aiohttp
 import bcrypt
@@ -20,7 +21,7 @@ def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def write_htpasswd(tmp_path, **users: str):  # type: ignore[no-untyped-def]
+def write_htpasswd(tmp_path: Path, **users: str) -> Path:
     path = tmp_path / "htpasswd"
     path.write_text(
         "".join(
@@ -46,7 +47,7 @@ async def statuses(url: str, *authorizations: str | None) -> list[int]:
 
 
 @pytest.mark.parametrize("anonymous", [False, True], ids=["users-only", "anonymous-pull"])
-async def test_htpasswd_gates_every_request(hub: FakeHub, tmp_path, anonymous: bool):
+async def test_htpasswd_gates_every_request(hub: FakeHub, tmp_path: Path, anonymous: bool) -> None:
     image = small_image("gated")
     hub.add("library/alpine", "3.19", image)
     htpasswd = write_htpasswd(tmp_path, alice="wonderland")
@@ -65,7 +66,7 @@ async def test_htpasswd_gates_every_request(hub: FakeHub, tmp_path, anonymous: b
             assert await statuses(f"{m.url}/v2/", None, alice, wrong) == [401, 200, 401]
 
 
-def test_htpasswd_accepts_bcrypt_only_and_not_with_passthrough(tmp_path):
+def test_htpasswd_accepts_bcrypt_only_and_not_with_passthrough(tmp_path: Path) -> None:
     (tmp_path / "md5").write_text("bob:$apr1$abc$def\n")
     with pytest.raises(ConfigError, match="line 1: only bcrypt"):
         load_htpasswd(tmp_path / "md5")

@@ -28,6 +28,7 @@ from tests.fixtures.images import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
+    Blob,
     Image,
     make_artifact,
     multiarch_image,
@@ -151,12 +152,15 @@ async def test_pull_by_tag_and_digest_as_distribution_answers(side: Side, name: 
     # distribution 2.8 rewrites it to schema1. And a client that sends no Accept at all gets
     # the manifest as it is (distribution refuses OCI types to it, and rewrites schema2).
     served = image.platform_manifest("amd64") if media_type == DOCKER_LIST else image.top
-    deliberate = [(None, by_tag, image.top), (None, by_digest, image.top)]
+    deliberate: list[tuple[str | None, str, Blob]] = [
+        (None, by_tag, image.top),
+        (None, by_digest, image.top),
+    ]
     if schema2_by_tag_to_oci_only:
         deliberate.append((OCI_ONLY, by_tag, served))
-    for accept, path, manifest in deliberate:
+    for asked, path, manifest in deliberate:
         for method in ("GET", "HEAD"):
-            ours = await side.ask(side.mirror, method, path, accept)
+            ours = await side.ask(side.mirror, method, path, asked)
             assert ours.status == 200 and ours.headers["Content-Type"] == manifest.media_type
             assert ours.headers["Docker-Content-Digest"] == manifest.digest
             assert ours.body == (manifest.data if method == "GET" else b"")
@@ -165,10 +169,10 @@ async def test_pull_by_tag_and_digest_as_distribution_answers(side: Side, name: 
         path = f"/v2/{name}/blobs/{blob.digest}"
         await side.same("HEAD", path)
         assert (await side.same("GET", path)).body == blob.data
-        ours = await side.http.get(side.mirror + path, headers={"Range": "bytes=1-3"})
-        async with ours:
-            assert ours.status == 206 and await ours.read() == blob.data[1:4]
-            assert ours.headers["Content-Range"] == f"bytes 1-3/{len(blob.data)}"
+        ranged = await side.http.get(side.mirror + path, headers={"Range": "bytes=1-3"})
+        async with ranged:
+            assert ranged.status == 206 and await ranged.read() == blob.data[1:4]
+            assert ranged.headers["Content-Range"] == f"bytes 1-3/{len(blob.data)}"
 
 
 @ONE_UPSTREAM

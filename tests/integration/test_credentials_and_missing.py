@@ -6,11 +6,14 @@ import asyncio
 import base64
 import json
 import logging
+from pathlib import Path
 
+import aiohttp
+import pytest
 from prometheus_client import REGISTRY
 
 from mirror.config import RegistryConfig
-from tests.conftest import StartMirror
+from tests.conftest import StartAdmin, StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import small_image
 from tests.integration.test_pull_path import ALL_TYPES, get, mirror_url, pull
@@ -30,8 +33,11 @@ def credentialed(hub: FakeHub) -> list[object]:
 
 
 async def test_a_foreign_realm_never_receives_the_credentials(
-    hub: FakeHub, start_mirror: StartMirror, http, caplog
-):
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The registry is reached as `localhost`; its challenge names a realm on 127.0.0.1."""
     hub.add("library/alpine", "3.19", small_image("public"))
     hub.add("acme/secret", "v1", small_image("secret"), private=True)
@@ -50,8 +56,8 @@ async def test_a_foreign_realm_never_receives_the_credentials(
 
 
 async def test_the_registrys_own_realm_and_listed_realms_receive_the_credentials(
-    hub: FakeHub, start_mirror: StartMirror, http, tmp_path
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     # Credentials raise the rate limit on public content; private content stays private (below).
     hub.add("acme/public", "v1", image := small_image("public2"))
     same_host = mirror_url(await start_mirror(hub.registry_url, data=tmp_path / "a", **CREDS))
@@ -71,8 +77,8 @@ async def test_the_registrys_own_realm_and_listed_realms_receive_the_credentials
 
 
 async def test_fifty_concurrent_pulls_of_a_missing_tag_cost_one_upstream_request(
-    hub: FakeHub, start_mirror: StartMirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", small_image("present"))
     base = mirror_url(await start_mirror(hub.registry_url))
     url = f"{base}/v2/library/alpine/manifests/nope"
@@ -84,7 +90,9 @@ async def test_fifty_concurrent_pulls_of_a_missing_tag_cost_one_upstream_request
     assert len(hub.requests(contains="/manifests/nope")) == 1
 
 
-async def test_a_missing_tag_is_asked_again_after_the_negative_ttl(hub, start_mirror, http):
+async def test_a_missing_tag_is_asked_again_after_the_negative_ttl(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", small_image("later"))
     base = mirror_url(await start_mirror(hub.registry_url, negative_ttl=0.3))
     url = f"{base}/v2/library/alpine/manifests/soon"
@@ -97,8 +105,8 @@ async def test_a_missing_tag_is_asked_again_after_the_negative_ttl(hub, start_mi
 
 
 async def test_a_repository_docker_hub_refuses_is_remembered_like_a_404(
-    hub: FakeHub, start_mirror: StartMirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     """Docker Hub answers 401 for a missing (or private) repository even with a fresh token.
     A typo'd name pulled five times costs the upstream one exchange, not five."""
     hub.add("library/alpine", "3.19", small_image("typo"))
@@ -116,7 +124,9 @@ async def test_a_repository_docker_hub_refuses_is_remembered_like_a_404(
     assert len([r for r in hub.requests("registry") if "/alpnie/" in r.path]) == 4
 
 
-async def test_errors_other_than_404_are_never_remembered(hub, start_mirror, http):
+async def test_errors_other_than_404_are_never_remembered(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", image := small_image("flaky"))
     base = mirror_url(await start_mirror(hub.registry_url))
     url = f"{base}/v2/library/alpine/manifests/3.19"
@@ -128,7 +138,9 @@ async def test_errors_other_than_404_are_never_remembered(hub, start_mirror, htt
     assert status == 200 and headers["Docker-Content-Digest"] == image.digest
 
 
-async def test_a_missing_blob_is_remembered_too(hub, start_mirror, http):
+async def test_a_missing_blob_is_remembered_too(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", small_image("blobs"))
     base = mirror_url(await start_mirror(hub.registry_url))
     url = f"{base}/v2/library/alpine/blobs/sha256:{'1' * 64}"
@@ -139,8 +151,8 @@ async def test_a_missing_blob_is_remembered_too(hub, start_mirror, http):
 
 
 async def test_passthrough_serves_private_content_to_clients_with_the_right_credentials(
-    hub: FakeHub, start_mirror: StartMirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = small_image("passthrough")
     hub.add("acme/secret", "v1", image, private=True)
     hub.add("library/alpine", "3.19", public := small_image("public3"))
@@ -174,8 +186,8 @@ async def test_passthrough_serves_private_content_to_clients_with_the_right_cred
 
 
 async def test_catalog_lists_exactly_the_cached_repositories_paginated(
-    hub: FakeHub, start_mirror: StartMirror, start_admin, http
-):
+    hub: FakeHub, start_mirror: StartMirror, start_admin: StartAdmin, http: aiohttp.ClientSession
+) -> None:
     for name in ("library/alpine", "team/app", "acme/zeta"):
         hub.add(name, "v1", small_image(name))
     hub.add("acme/secret", "v1", small_image("catalog-secret"), private=True)

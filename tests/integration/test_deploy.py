@@ -22,6 +22,7 @@ import yaml
 
 from mirror.cli import _parser, config_from_args
 from mirror.config import WebhookConfig, load_config
+from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.procs import mirror_process, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,7 +236,8 @@ def test_dashboard_and_rules_come_from_the_top_level_grafana_files() -> None:
 def dockerfile() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines()]
-    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]  # type: ignore[misc]
+    steps = [line.split(None, 1) for line in lines if line and not line.startswith("#")]
+    return [(op, arg) for op, arg in steps]
 
 
 def test_dockerfile_runs_as_non_root_with_a_data_volume() -> None:
@@ -254,7 +256,9 @@ def test_dockerfile_runs_as_non_root_with_a_data_volume() -> None:
     assert config.data_dir == Path("/var/lib/mirror") and config.listen_port == 5000
 
 
-async def test_dockerfile_healthcheck_passes_against_a_running_mirror(hub, tmp_path: Path) -> None:
+async def test_dockerfile_healthcheck_passes_against_a_running_mirror(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     by_op = dict(dockerfile())
     check = json.loads(by_op["HEALTHCHECK"].split("CMD", 1)[1])
     assert check[0] == "python"

@@ -13,8 +13,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from tests.conftest import StartAdmin, StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import make_image, random_bytes
 from tests.integration.test_pull_path import ALL_TYPES, get, mirror_url
@@ -37,8 +39,13 @@ def small_filesystem(path: Path, size: str) -> Iterator[Path]:
 
 
 async def test_disk_full_while_caching(
-    hub: FakeHub, start_mirror, start_admin, http, tmp_path, caplog
-):
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    start_admin: StartAdmin,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     image = make_image([{"big.bin": random_bytes(20 * MiB, 13)}])
     layer = image.layers()[0]
     hub.add("team/big", "v1", image)

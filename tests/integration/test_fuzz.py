@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import OCI_MANIFEST, small_image
@@ -92,7 +93,7 @@ async def test_no_input_causes_a_server_error_or_touches_files_outside_data(
                 url = f"{mirror.url}/v2/{path}{query}"
                 try:
                     async with http.request(
-                        method, aiohttp.client.URL(url, encoded=True), headers=headers
+                        method, URL(url, encoded=True), headers=headers
                     ) as resp:
                         await resp.read()
                         if resp.status >= 500:

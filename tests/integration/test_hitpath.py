@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import aiohttp
 from yarl import URL
@@ -24,7 +25,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, 
     return status.encode(), headers, body
 
 
-async def test_hits_from_memory_match_the_full_path(hub: FakeHub, tmp_path):
+async def test_hits_from_memory_match_the_full_path(hub: FakeHub, tmp_path: Path) -> None:
     image = small_image("hits")
     hub.add("team/app", "v1", image)
     layer = image.layers()[0]
@@ -72,7 +73,7 @@ async def test_hits_from_memory_match_the_full_path(hub: FakeHub, tmp_path):
         assert 'mirror_requests_total{kind="manifest",method="GET",result="hit"} 5.0' in hits, hits
 
 
-async def test_unusual_requests_take_the_full_path(hub: FakeHub, tmp_path):
+async def test_unusual_requests_take_the_full_path(hub: FakeHub, tmp_path: Path) -> None:
     image = small_image("unusual")
     hub.add("team/app", "v1", image)
     async with mirror_process(tmp_path / "data", hub.registry_url, "--workers", "1") as mirror:
@@ -93,7 +94,9 @@ async def test_unusual_requests_take_the_full_path(hub: FakeHub, tmp_path):
                 assert write.status == 405
 
 
-async def test_a_manifest_media_type_cannot_inject_headers_on_either_path(hub: FakeHub, tmp_path):
+async def test_a_manifest_media_type_cannot_inject_headers_on_either_path(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     """An upstream that labels a manifest `application/json` makes the mirror read the type
     from the JSON; a CR/LF there must never reach a response head (memory hit or not)."""
     doc = {"schemaVersion": 2, "mediaType": "application/x\r\nX-Injected: yes", "layers": []}
@@ -113,7 +116,7 @@ async def test_a_manifest_media_type_cannot_inject_headers_on_either_path(hub: F
         assert headers["Content-Type"] == OCI_MANIFEST
 
 
-async def test_private_content_held_in_memory_is_not_served(hub: FakeHub, tmp_path):
+async def test_private_content_held_in_memory_is_not_served(hub: FakeHub, tmp_path: Path) -> None:
     image = small_image("secret-hit")
     hub.add("acme/secret", "v1", image, private=True)
     password = tmp_path / "password"
@@ -133,7 +136,9 @@ async def test_private_content_held_in_memory_is_not_served(hub: FakeHub, tmp_pa
                 assert image.top.data not in await resp.read()
 
 
-async def test_a_tls_hello_on_the_plain_port_is_refused_at_once(hub: FakeHub, tmp_path):
+async def test_a_tls_hello_on_the_plain_port_is_refused_at_once(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     """skopeo and podman try TLS first against an `insecure` registry; they must be told no
     at once (aiohttp's 400), not left waiting for a request head that never comes."""
     async with mirror_process(tmp_path / "data", hub.registry_url, "--workers", "1") as mirror:

@@ -6,7 +6,11 @@ import asyncio
 import hashlib
 from pathlib import Path
 
+import aiohttp
+from aiohttp.test_utils import TestServer
+
 from mirror.keys import FETCHER
+from tests.conftest import StartAdmin, StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import Image, make_image, random_bytes
 from tests.integration.test_pull_path import get, mirror_url, pull
@@ -26,15 +30,19 @@ def image_of(n: int) -> Image:
     return make_image([{f"data{n}.bin": random_bytes(int(2.5 * MiB), 100 + n)}], label=f"img{n}")
 
 
-async def commits_done(server) -> None:  # type: ignore[no-untyped-def]
+async def commits_done(server: TestServer) -> None:
     """A client has its last byte once the digest matched; room-making and the commit follow."""
     while len(server.app[FETCHER]):
         await asyncio.sleep(0.01)
 
 
 async def test_size_cap_holds_while_forty_images_are_pulled(
-    hub: FakeHub, start_mirror, start_admin, http, tmp_path
-):
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    start_admin: StartAdmin,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
     cap = 50 * MiB
     data = tmp_path / "mirror-data"
     images = [image_of(n) for n in range(40)]
@@ -77,7 +85,9 @@ async def test_size_cap_holds_while_forty_images_are_pulled(
     assert stats["disk_bytes"] == blob_bytes(data) and stats["evictions"] > 0
 
 
-async def test_least_recently_used_goes_first(hub: FakeHub, start_mirror, http, tmp_path):
+async def test_least_recently_used_goes_first(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     images = [image_of(n) for n in range(3)]
     for n, image in enumerate(images):
         hub.add(f"team/lru{n}", "v1", image)
@@ -95,8 +105,12 @@ async def test_least_recently_used_goes_first(hub: FakeHub, start_mirror, http, 
 
 
 async def test_a_blob_evicted_mid_serve_still_completes(
-    hub: FakeHub, start_mirror, start_admin, http, tmp_path
-):
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    start_admin: StartAdmin,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
     image = make_image([{"big.bin": random_bytes(24 * MiB, 77)}])
     layer = image.layers()[0]
     hub.add("team/evicted", "v1", image)
@@ -117,8 +131,12 @@ async def test_a_blob_evicted_mid_serve_still_completes(
 
 
 async def test_purge_keeps_what_other_images_share(
-    hub: FakeHub, start_mirror, start_admin, http, tmp_path
-):
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    start_admin: StartAdmin,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
     shared = {"shared.bin": random_bytes(MiB, 5)}
     one = make_image([shared, {"one": b"1"}], label="one")
     two = make_image([shared, {"two": b"2"}], label="two")
@@ -141,8 +159,12 @@ async def test_purge_keeps_what_other_images_share(
 
 
 async def test_purging_one_tag_keeps_the_other_tags_of_its_image(
-    hub: FakeHub, start_mirror, start_admin, http, tmp_path
-):
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    start_admin: StartAdmin,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
     image = make_image([{"alias.bin": random_bytes(MiB, 6)}], label="alias")
     for tag in ("3.19", "3", "latest"):
         hub.add("library/alpine", tag, image)

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import StartAdmin, StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import make_image, random_bytes, small_image
 from tests.fixtures.procs import downloads_settled, mirror_process, need, prometheus, run
@@ -21,7 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 
-async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+# A scraped sample's value under its name and sorted labels.
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(url: str) -> Metrics:
     async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
         text = await resp.text()
     return {
@@ -31,13 +36,13 @@ async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
     }
 
 
-def sample(metrics: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def test_saved_bytes_equal_the_warm_pull_and_upstream_bytes_the_cold_one(
-    hub: FakeHub, tmp_path
-):
+    hub: FakeHub, tmp_path: Path
+) -> None:
     image = make_image([{"a.bin": random_bytes(3 * MiB, 1)}, {"b": b"b" * 1000}])
     hub.add("team/obs", "v1", image)
     async with (
@@ -80,18 +85,24 @@ async def test_saved_bytes_equal_the_warm_pull_and_upstream_bytes_the_cold_one(
         assert any(key[0] == name and value > 0 for key, value in warm.items()), name
 
 
-def delta(name: str, before: dict[tuple[str, ...], float], **labels: str) -> float:
-    key = (name, *sorted(labels.items()))
+# A sample of the in-process registry, keyed by its name followed by its sorted labels.
+SampleKey = tuple[str | tuple[str, str], ...]
+
+
+def delta(name: str, before: dict[SampleKey, float], **labels: str) -> float:
+    key: SampleKey = (name, *sorted(labels.items()))
     now = REGISTRY.get_sample_value(name, labels) or 0.0
-    return now - before.get(key, 0.0)  # type: ignore[arg-type]
+    return now - before.get(key, 0.0)
 
 
-def snapshot(name: str, **labels: str) -> dict[tuple[str, ...], float]:
-    return {(name, *sorted(labels.items())): REGISTRY.get_sample_value(name, labels) or 0.0}  # type: ignore[dict-item]
+def snapshot(name: str, **labels: str) -> dict[SampleKey, float]:
+    return {(name, *sorted(labels.items())): REGISTRY.get_sample_value(name, labels) or 0.0}
 
 
 @pytest.mark.parametrize("path", ["hit", "miss", "coalesced", "stale"])
-async def test_request_counters_follow_the_cache_path(hub: FakeHub, start_mirror, http, path):
+async def test_request_counters_follow_the_cache_path(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, path: str
+) -> None:
     hub.add("library/alpine", "3.19", small_image(f"counters-{path}"))
     base = mirror_url(await start_mirror(hub.registry_url, tag_ttl=0 if path == "stale" else 300))
     url = f"{base}/v2/library/alpine/manifests/3.19"
@@ -115,8 +126,8 @@ async def test_request_counters_follow_the_cache_path(hub: FakeHub, start_mirror
 
 
 async def test_requests_that_touch_no_cache_are_not_counted_as_hits(
-    hub: FakeHub, start_mirror, start_admin, http
-):
+    hub: FakeHub, start_mirror: StartMirror, start_admin: StartAdmin, http: aiohttp.ClientSession
+) -> None:
     server = await start_mirror(hub.registry_url)
     base = mirror_url(server)
     admin = str((await start_admin(server)).make_url("")).rstrip("/")
@@ -138,7 +149,9 @@ async def test_requests_that_touch_no_cache_are_not_counted_as_hits(
     assert 'kind=~"manifest|blob"' in by_result
 
 
-async def test_health_and_readiness(hub: FakeHub, start_mirror, http, tmp_path):
+async def test_health_and_readiness(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     base = mirror_url(await start_mirror(hub.registry_url))
     assert (await get(http, f"{base}/healthz"))[0] == 200
     assert (await get(http, f"{base}/readyz"))[0] == 200
@@ -152,7 +165,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
 
 
-def test_dashboard_is_importable_shape():
+def test_dashboard_is_importable_shape() -> None:
     dashboard = json.loads((ROOT / "grafana" / "mirror.json").read_text())
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
@@ -190,7 +203,9 @@ async def scrapes(http: aiohttp.ClientSession, prom: str, count: int, timeout: f
     raise TimeoutError(f"Prometheus did not scrape {count} times in {timeout}s")
 
 
-async def test_every_dashboard_query_returns_data_from_a_real_prometheus(hub: FakeHub, tmp_path):
+async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     need("prometheus")
     hub.add("library/alpine", "3.19", small_image("prom"))
     async with mirror_process(tmp_path / "data", hub.registry_url, "--max-size", "1GiB") as mirror:
@@ -216,7 +231,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(hub: Fa
             assert empty == [], "dashboard queries without data:\n" + "\n".join(empty)
 
 
-async def test_alert_rules_pass_promtool():
+async def test_alert_rules_pass_promtool() -> None:
     need("promtool")
     out = await run("promtool", "check", "rules", str(ROOT / "grafana" / "alerts.yml"))
     assert "SUCCESS" in out

@@ -6,6 +6,7 @@ import hashlib
 import json
 import signal
 import sys
+from pathlib import Path
 
 import aiohttp
 
@@ -21,11 +22,13 @@ async def mirror_cli(*args: str) -> str:
     return await run(sys.executable, "-m", "mirror", *args, timeout=120)
 
 
-def files_on_disk(data) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+def files_on_disk(data: Path) -> dict[str, bytes]:
     return {f"sha256:{p.name}": p.read_bytes() for p in (data / "blobs").rglob("*") if p.is_file()}
 
 
-async def test_kill_9_mid_download_then_restart_leaves_a_consistent_cache(hub: FakeHub, tmp_path):
+async def test_kill_9_mid_download_then_restart_leaves_a_consistent_cache(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     small = multiarch_image("before-crash")
     big = big_image("crash", 48 * MiB, seed=31)
     hub.add("library/alpine", "3.19", small)
@@ -57,7 +60,9 @@ async def test_kill_9_mid_download_then_restart_leaves_a_consistent_cache(hub: F
             assert await pull(http, mirror.url, "library/alpine", "3.19")
 
 
-async def test_prefetch_with_a_platform_filter_then_pulls_are_local(hub: FakeHub, tmp_path):
+async def test_prefetch_with_a_platform_filter_then_pulls_are_local(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     image = multiarch_image("prefetch")
     hub.add("library/alpine", "3.19", image)
     arm, amd = image.platform_manifest("arm64"), image.platform_manifest("amd64")
@@ -84,7 +89,7 @@ async def test_prefetch_with_a_platform_filter_then_pulls_are_local(hub: FakeHub
         assert amd.digest not in again
 
 
-async def test_cli_lists_pins_reports_and_purges(hub: FakeHub, tmp_path):
+async def test_cli_lists_pins_reports_and_purges(hub: FakeHub, tmp_path: Path) -> None:
     hub.add("library/alpine", "3.19", multiarch_image("cli"))
     data = tmp_path / "data"
     images = tmp_path / "images.txt"

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from yarl import URL
 
-from tests.conftest import StartMirror
+from tests.conftest import StartAdmin, StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import (
     DOCKER_LIST,
@@ -59,11 +61,13 @@ async def pull(http: aiohttp.ClientSession, base: str, name: str, ref: str) -> d
     return got
 
 
-def mirror_url(server) -> str:  # type: ignore[no-untyped-def]
+def mirror_url(server: TestServer) -> str:
     return str(server.make_url("")).rstrip("/")
 
 
-async def test_v2_root_answers_200_with_api_version(hub: FakeHub, start_mirror: StartMirror, http):
+async def test_v2_root_answers_200_with_api_version(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     base = mirror_url(await start_mirror(hub.registry_url))
     status, headers, body = await get(http, f"{base}/v2/")
     assert (status, body) == (200, b"{}")
@@ -72,7 +76,9 @@ async def test_v2_root_answers_200_with_api_version(hub: FakeHub, start_mirror: 
     assert hub.log == []
 
 
-async def test_pull_serves_exact_bytes_with_registry_headers(hub: FakeHub, start_mirror, http):
+async def test_pull_serves_exact_bytes_with_registry_headers(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = small_image("exact")
     hub.add("team/app", "v1", image)
     base = mirror_url(await start_mirror(hub.registry_url))
@@ -88,7 +94,9 @@ async def test_pull_serves_exact_bytes_with_registry_headers(hub: FakeHub, start
     assert hub.auth_violations == []
 
 
-async def test_head_manifest_carries_the_same_headers_without_body(hub, start_mirror, http):
+async def test_head_manifest_carries_the_same_headers_without_body(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = small_image("head")
     hub.add("library/alpine", "3.19", image)
     base = mirror_url(await start_mirror(hub.registry_url))
@@ -102,7 +110,9 @@ async def test_head_manifest_carries_the_same_headers_without_body(hub, start_mi
         assert await r.read() == b""
 
 
-async def test_single_component_name_means_library(hub, start_mirror, http):
+async def test_single_component_name_means_library(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = small_image("alpine")
     hub.add("library/alpine", "3.19", image)
     base = mirror_url(await start_mirror(hub.registry_url))
@@ -111,7 +121,9 @@ async def test_single_component_name_means_library(hub, start_mirror, http):
     assert hub.requests(contains="/v2/library/alpine/manifests/3.19")
 
 
-async def test_pull_of_fresh_tag_makes_no_upstream_request(hub, start_mirror, http):
+async def test_pull_of_fresh_tag_makes_no_upstream_request(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", multiarch_image("fresh"))
     base = mirror_url(await start_mirror(hub.registry_url))
     first = await pull(http, base, "library/alpine", "3.19")
@@ -121,7 +133,9 @@ async def test_pull_of_fresh_tag_makes_no_upstream_request(hub, start_mirror, ht
     assert hub.log == []
 
 
-async def test_expired_tag_is_revalidated_with_head_only(hub, start_mirror, http):
+async def test_expired_tag_is_revalidated_with_head_only(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", small_image("ttl"))
     base = mirror_url(await start_mirror(hub.registry_url, tag_ttl=0))
     await pull(http, base, "library/alpine", "3.19")
@@ -132,7 +146,9 @@ async def test_expired_tag_is_revalidated_with_head_only(hub, start_mirror, http
     assert hub.blob_gets() == []
 
 
-async def test_moved_tag_is_fetched_by_digest_after_revalidation(hub, start_mirror, http):
+async def test_moved_tag_is_fetched_by_digest_after_revalidation(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     old, new = small_image("old"), small_image("new")
     hub.add("library/alpine", "3.19", old)
     base = mirror_url(await start_mirror(hub.registry_url, tag_ttl=0))
@@ -145,7 +161,9 @@ async def test_moved_tag_is_fetched_by_digest_after_revalidation(hub, start_mirr
     assert [r.path.rsplit("/", 1)[1] for r in gets] == [new.digest]
 
 
-async def test_every_cached_image_pulls_while_upstream_is_down(hub, start_mirror, http):
+async def test_every_cached_image_pulls_while_upstream_is_down(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", multiarch_image("offline"))
     hub.add("team/app", "v1", small_image("offline-app", docker=True))
     base = mirror_url(await start_mirror(hub.registry_url, tag_ttl=0))
@@ -157,7 +175,9 @@ async def test_every_cached_image_pulls_while_upstream_is_down(hub, start_mirror
 
 
 @pytest.mark.parametrize("status", [500, 503, 429])
-async def test_revalidation_errors_serve_the_cached_tag(hub, start_mirror, http, status):
+async def test_revalidation_errors_serve_the_cached_tag(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, status: int
+) -> None:
     image = small_image(f"stale{status}")
     hub.add("library/alpine", "3.19", image)
     base = mirror_url(await start_mirror(hub.registry_url, tag_ttl=0))
@@ -169,7 +189,9 @@ async def test_revalidation_errors_serve_the_cached_tag(hub, start_mirror, http,
     assert status_code == 200 and headers["Docker-Content-Digest"] == image.digest
 
 
-async def test_ten_concurrent_clients_of_a_new_blob_cause_one_upstream_get(hub, start_mirror, http):
+async def test_ten_concurrent_clients_of_a_new_blob_cause_one_upstream_get(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = make_image([{"big.bin": random_bytes(50 * MiB, 7)}])
     layer = image.layers()[0]
     hub.add("team/big", "v1", image)
@@ -190,7 +212,9 @@ async def test_ten_concurrent_clients_of_a_new_blob_cause_one_upstream_get(hub, 
     assert len(hub.blob_gets(layer.digest)) == 1
 
 
-async def test_concurrent_pulls_of_a_new_tag_cause_one_manifest_get(hub, start_mirror, http):
+async def test_concurrent_pulls_of_a_new_tag_cause_one_manifest_get(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", small_image("coalesce"))
     base = mirror_url(await start_mirror(hub.registry_url))
     results = await asyncio.gather(
@@ -204,7 +228,9 @@ async def test_concurrent_pulls_of_a_new_tag_cause_one_manifest_get(hub, start_m
     assert len(hub.requests("token")) == 1
 
 
-async def test_upstream_cut_mid_blob_is_resumed_invisibly(hub, start_mirror, http):
+async def test_upstream_cut_mid_blob_is_resumed_invisibly(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = make_image([{"big.bin": random_bytes(5 * MiB, 3)}])
     layer = image.layers()[0]
     hub.add("team/resume", "v1", image)
@@ -217,7 +243,9 @@ async def test_upstream_cut_mid_blob_is_resumed_invisibly(hub, start_mirror, htt
     assert gets[1].headers["Range"].startswith("bytes=") and gets[1].headers["Range"] != "bytes=0-"
 
 
-async def test_expired_cdn_url_is_replaced_by_a_fresh_redirect(hub, start_mirror, http):
+async def test_expired_cdn_url_is_replaced_by_a_fresh_redirect(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = small_image("cdn403")
     layer = image.layers()[0]
     hub.add("team/cdn", "v1", image)
@@ -228,7 +256,9 @@ async def test_expired_cdn_url_is_replaced_by_a_fresh_redirect(hub, start_mirror
     assert len(hub.requests("registry", "GET", f"/blobs/{layer.digest}")) == 2
 
 
-async def test_corrupt_blob_aborts_client_and_caches_nothing(hub, start_mirror, http, tmp_path):
+async def test_corrupt_blob_aborts_client_and_caches_nothing(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     image = make_image([{"big.bin": random_bytes(2 * MiB, 5)}])
     layer = image.layers()[0]
     hub.add("team/bad", "v1", image)
@@ -247,7 +277,9 @@ async def test_corrupt_blob_aborts_client_and_caches_nothing(hub, start_mirror, 
     assert status == 200 and data == layer.data
 
 
-async def test_client_that_disconnects_does_not_cancel_the_fetch(hub, start_mirror, http, tmp_path):
+async def test_client_that_disconnects_does_not_cancel_the_fetch(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     image = make_image([{"big.bin": random_bytes(8 * MiB, 9)}])
     layer = image.layers()[0]
     hub.add("team/leave", "v1", image)
@@ -268,7 +300,9 @@ async def test_client_that_disconnects_does_not_cancel_the_fetch(hub, start_mirr
     assert len(hub.blob_gets(layer.digest)) == 1
 
 
-async def test_ranges_on_cached_blobs(hub, start_mirror, http):
+async def test_ranges_on_cached_blobs(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = small_image("range")
     blob = image.layers()[0]
     size = len(blob.data)
@@ -288,7 +322,9 @@ async def test_ranges_on_cached_blobs(hub, start_mirror, http):
     assert status == 200 and body == blob.data and "Content-Range" not in headers
 
 
-async def test_range_request_on_a_cold_blob_joins_the_fetch(hub, start_mirror, http):
+async def test_range_request_on_a_cold_blob_joins_the_fetch(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = make_image([{"big.bin": random_bytes(3 * MiB, 11)}])
     layer = image.layers()[0]
     hub.add("team/coldrange", "v1", image)
@@ -303,7 +339,9 @@ async def test_range_request_on_a_cold_blob_joins_the_fetch(hub, start_mirror, h
     assert len(hub.blob_gets(layer.digest)) == 1
 
 
-async def test_etag_revalidation_answers_304(hub, start_mirror, http):
+async def test_etag_revalidation_answers_304(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = small_image("etag")
     hub.add("team/etag", "v1", image)
     base = mirror_url(await start_mirror(hub.registry_url))
@@ -317,7 +355,9 @@ async def test_etag_revalidation_answers_304(hub, start_mirror, http):
 
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
-async def test_push_and_delete_answer_405_unsupported(hub, start_mirror, http, method):
+async def test_push_and_delete_answer_405_unsupported(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, method: str
+) -> None:
     base = mirror_url(await start_mirror(hub.registry_url))
     for path in ("/v2/library/alpine/manifests/3.19", "/v2/library/alpine/blobs/uploads/", "/v2/"):
         async with http.request(method, f"{base}{path}") as resp:
@@ -342,8 +382,13 @@ async def test_push_and_delete_answer_405_unsupported(hub, start_mirror, http, m
     ],
 )
 async def test_invalid_requests_get_clear_client_errors(
-    hub, start_mirror, http, path, status, code
-):
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    http: aiohttp.ClientSession,
+    path: str,
+    status: int,
+    code: str,
+) -> None:
     base = mirror_url(await start_mirror(hub.registry_url))
     async with http.get(URL(f"{base}{path}", encoded=True)) as resp:  # sent as written
         assert resp.status == status
@@ -351,7 +396,9 @@ async def test_invalid_requests_get_clear_client_errors(
     assert hub.log == []
 
 
-async def test_unknown_manifest_and_blob_are_404(hub, start_mirror, http):
+async def test_unknown_manifest_and_blob_are_404(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", small_image("known"))
     base = mirror_url(await start_mirror(hub.registry_url))
     status, _, body = await get(http, f"{base}/v2/library/alpine/manifests/nope", Accept=ALL_TYPES)
@@ -360,7 +407,9 @@ async def test_unknown_manifest_and_blob_are_404(hub, start_mirror, http):
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
 
 
-async def test_tokens_are_cached_per_scope(hub, start_mirror, http):
+async def test_tokens_are_cached_per_scope(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", multiarch_image("tokens"))
     base = mirror_url(await start_mirror(hub.registry_url))
     await pull(http, base, "library/alpine", "3.19")
@@ -369,8 +418,12 @@ async def test_tokens_are_cached_per_scope(hub, start_mirror, http):
 
 
 async def test_private_repository_is_never_served_to_anonymous_clients(
-    hub, start_mirror, start_admin, http, tmp_path
-):
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    start_admin: StartAdmin,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
     image = small_image("private")
     hub.add("acme/secret", "v1", image, private=True)
     hub.add("acme/open", "v1", public := small_image("open"))
@@ -396,7 +449,9 @@ async def test_private_repository_is_never_served_to_anonymous_clients(
     assert public.digest in await pull(http, authed, "acme/open", "v1")
 
 
-async def test_upstream_429_is_relayed_with_retry_after(hub, start_mirror, http):
+async def test_upstream_429_is_relayed_with_retry_after(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", small_image("ratelimited"))
     base = mirror_url(await start_mirror(hub.registry_url))
     hub.fail_statuses = [429]
@@ -407,7 +462,9 @@ async def test_upstream_429_is_relayed_with_retry_after(hub, start_mirror, http)
     assert json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
 
 
-async def test_docker_list_by_tag_for_a_client_without_list_support(hub, start_mirror, http):
+async def test_docker_list_by_tag_for_a_client_without_list_support(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = multiarch_image("narrow", docker=True)
     hub.add("library/alpine", "3.19", image)
     base = mirror_url(await start_mirror(hub.registry_url))
@@ -423,7 +480,9 @@ async def test_docker_list_by_tag_for_a_client_without_list_support(hub, start_m
     assert headers["Content-Type"] == DOCKER_LIST and body == image.top.data
 
 
-async def test_oci_index_is_unknown_to_a_client_that_does_not_accept_it(hub, start_mirror, http):
+async def test_oci_index_is_unknown_to_a_client_that_does_not_accept_it(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", multiarch_image("ocinarrow"))
     base = mirror_url(await start_mirror(hub.registry_url))
     status, _, body = await get(
@@ -434,7 +493,9 @@ async def test_oci_index_is_unknown_to_a_client_that_does_not_accept_it(hub, sta
     assert OCI_INDEX in upstream_accept and DOCKER_LIST in upstream_accept
 
 
-async def test_tags_list_pages_through_the_mirror(hub, start_mirror, http):
+async def test_tags_list_pages_through_the_mirror(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = small_image("tags")
     for tag in ("a", "b", "c", "d", "e"):
         hub.add("team/tags", tag, image)
@@ -446,7 +507,9 @@ async def test_tags_list_pages_through_the_mirror(hub, start_mirror, http):
     assert json.loads(body)["tags"] == ["c", "d"]
 
 
-async def test_cached_tags_are_listed_when_upstream_is_down(hub, start_mirror, http):
+async def test_cached_tags_are_listed_when_upstream_is_down(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("team/tags", "v1", small_image("offline-tags"))
     base = mirror_url(await start_mirror(hub.registry_url))
     await pull(http, base, "team/tags", "v1")
@@ -455,14 +518,18 @@ async def test_cached_tags_are_listed_when_upstream_is_down(hub, start_mirror, h
     assert status == 200 and json.loads(body)["tags"] == ["v1"]
 
 
-async def test_upstream_down_on_a_miss_is_503_unavailable(hub, start_mirror, http):
+async def test_upstream_down_on_a_miss_is_503_unavailable(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     base = mirror_url(await start_mirror(hub.registry_url))
     hub.down = True
     status, _, body = await get(http, f"{base}/v2/library/alpine/manifests/3.19", Accept=ALL_TYPES)
     assert status == 503 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
 
 
-async def test_large_layer_pulls_through(hub, start_mirror, http):
+async def test_large_layer_pulls_through(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     """A smoke test of the size class the benchmarks use; correctness only."""
     image = big_image("huge", 64 * MiB, seed=2)
     hub.add("team/huge", "v1", image)
@@ -471,7 +538,9 @@ async def test_large_layer_pulls_through(hub, start_mirror, http):
     assert set(got) >= set(image.blobs)
 
 
-async def test_eight_concurrent_cold_pulls_cross_the_internet_once(hub, start_mirror, http):
+async def test_eight_concurrent_cold_pulls_cross_the_internet_once(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = big_image("eight", 32 * MiB, seed=12)
     hub.add("team/eight", "v1", image)
     hub.slow = 0.0005  # the pulls overlap, as on a real link
@@ -484,8 +553,8 @@ async def test_eight_concurrent_cold_pulls_cross_the_internet_once(hub, start_mi
 
 
 async def test_token_service_down_is_a_clean_503_and_cached_tags_stay_served(
-    hub, start_mirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", image := small_image("tokens-down"))
     base = mirror_url(await start_mirror(hub.registry_url, tag_ttl=0))
     hub.add("library/busybox", "1", small_image("never-cached"))
@@ -502,7 +571,9 @@ async def test_token_service_down_is_a_clean_503_and_cached_tags_stay_served(
     assert headers["X-Mirror-Cache"] in ("hit", "stale")
 
 
-async def test_upstream_downloads_beyond_the_cap_wait_their_turn(hub, start_mirror, http):
+async def test_upstream_downloads_beyond_the_cap_wait_their_turn(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     blobs = [make_image([{f"f{n}": random_bytes(MiB, 70 + n)}], label=f"cap{n}") for n in range(6)]
     for n, image in enumerate(blobs):
         hub.add(f"team/cap{n}", "v1", image)
@@ -518,8 +589,8 @@ async def test_upstream_downloads_beyond_the_cap_wait_their_turn(hub, start_mirr
 
 
 async def test_a_download_queued_behind_the_cap_sends_its_headers_within_seconds(
-    hub, start_mirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     """containerd gives up on a response without headers after 30 s: a download waiting for
     a slot answers with headers (size from an upstream HEAD) while it waits."""
     first = make_image([{"first": random_bytes(MiB, 91)}], label="first")
@@ -546,7 +617,9 @@ async def test_a_download_queued_behind_the_cap_sends_its_headers_within_seconds
     assert hub.cdn_peak == 1
 
 
-async def test_a_silent_upstream_is_dropped_and_resumed(hub, start_mirror, http):
+async def test_a_silent_upstream_is_dropped_and_resumed(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = make_image([{"stall.bin": random_bytes(3 * MiB, 81)}])
     layer = image.layers()[0]
     hub.add("team/stall", "v1", image)
@@ -559,8 +632,8 @@ async def test_a_silent_upstream_is_dropped_and_resumed(hub, start_mirror, http)
 
 
 async def test_a_cdn_that_keeps_failing_is_a_clean_error_and_caches_nothing(
-    hub, start_mirror, http, tmp_path
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     image = make_image([{"broken.bin": random_bytes(MiB, 82)}])
     layer = image.layers()[0]
     hub.add("team/broken", "v1", image)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import aiohttp
 import pytest
 
 from tests.conftest import StartMirror
@@ -12,8 +15,8 @@ pytestmark = pytest.mark.integration
 
 
 async def test_images_pushed_to_distribution_pull_through_the_mirror(
-    start_mirror: StartMirror, tmp_path, http
-):
+    start_mirror: StartMirror, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
     need("skopeo", "docker-registry")
     images = {
         "library/alpine:3.19": multiarch_image("real-alpine"),

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import pytest
+from multidict import CIMultiDict
 
+from tests.conftest import StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import (
     OCI_INDEX,
+    Image,
     make_artifact,
     referrers_tag_index,
     small_image,
@@ -23,7 +29,7 @@ SIGNATURE = "application/vnd.dev.cosign.artifact.sig.v1+json"
 SBOM = "application/spdx+json"
 
 
-def signed(label: str):  # type: ignore[no-untyped-def]
+def signed(label: str) -> tuple[Image, Image, Image]:
     """An image, a signature and an SBOM of it."""
     image = small_image(label)
     sig = make_artifact(image, SIGNATURE, b"signature " + label.encode(), {"who": "ci"})
@@ -35,18 +41,21 @@ def tag_of(digest: str) -> str:
     return digest.replace(":", "-")
 
 
-async def referrers(http, base: str, name: str, digest: str, query: str = ""):  # type: ignore[no-untyped-def]
+async def referrers(
+    http: aiohttp.ClientSession, base: str, name: str, digest: str, query: str = ""
+) -> tuple[CIMultiDict[str], list[dict[str, Any]]]:
     status, headers, body = await get(http, f"{base}/v2/{name}/referrers/{digest}{query}")
     assert status == 200, body
     assert headers["Content-Type"] == OCI_INDEX
     index = json.loads(body)
     assert index["schemaVersion"] == 2 and index["mediaType"] == OCI_INDEX
-    return headers, index["manifests"]
+    manifests: list[dict[str, Any]] = index["manifests"]
+    return headers, manifests
 
 
 async def test_referrers_of_the_upstream_api_are_listed_and_filtered(
-    hub: FakeHub, start_mirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image, sig, sbom = signed("api")
     hub.add("team/app", "v1", image)
     hub.add("team/app", None, sig)
@@ -72,8 +81,8 @@ async def test_referrers_of_the_upstream_api_are_listed_and_filtered(
 
 
 async def test_fresh_referrers_cost_no_upstream_request_and_concurrent_ones_cost_one(
-    hub, start_mirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image, sig, _ = signed("fresh")
     hub.add("team/app", "v1", image)
     hub.add("team/app", None, sig)
@@ -89,7 +98,9 @@ async def test_fresh_referrers_cost_no_upstream_request_and_concurrent_ones_cost
     assert hub.log == [] and headers["X-Mirror-Cache"] == "hit"
 
 
-async def test_upstream_referrers_pages_are_followed(hub, start_mirror, http):
+async def test_upstream_referrers_pages_are_followed(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = small_image("pages")
     artifacts = [make_artifact(image, SIGNATURE, f"sig {i}".encode()) for i in range(5)]
     hub.add("team/app", "v1", image)
@@ -103,7 +114,9 @@ async def test_upstream_referrers_pages_are_followed(hub, start_mirror, http):
     assert [r.query.get("page") for r in hub.requests(contains="/referrers/")] == [None, "2", "4"]
 
 
-async def test_referrers_are_served_stale_while_the_upstream_fails(hub, start_mirror, http):
+async def test_referrers_are_served_stale_while_the_upstream_fails(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image, sig, _ = signed("stale")
     hub.add("team/app", "v1", image)
     hub.add("team/app", None, sig)
@@ -120,7 +133,9 @@ async def test_referrers_are_served_stale_while_the_upstream_fails(hub, start_mi
     assert [d["digest"] for d in found] == [sig.digest] and headers["X-Mirror-Cache"] == "stale"
 
 
-async def test_head_of_referrers_carries_the_get_headers(hub, start_mirror, http):
+async def test_head_of_referrers_carries_the_get_headers(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image, sig, _ = signed("head")
     hub.add("team/app", "v1", image)
     hub.add("team/app", None, sig)
@@ -133,7 +148,9 @@ async def test_head_of_referrers_carries_the_get_headers(hub, start_mirror, http
         assert await resp.read() == b""
 
 
-async def test_without_the_api_the_referrers_tag_schema_is_read_like_a_tag(hub, start_mirror, http):
+async def test_without_the_api_the_referrers_tag_schema_is_read_like_a_tag(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image, sig, sbom = signed("tagschema")
     index = referrers_tag_index([sig, sbom])
     hub.add("team/app", "v1", image)
@@ -159,7 +176,9 @@ async def test_without_the_api_the_referrers_tag_schema_is_read_like_a_tag(hub, 
     ]
 
 
-async def test_no_api_and_no_tag_is_an_empty_index(hub, start_mirror, http):
+async def test_no_api_and_no_tag_is_an_empty_index(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image = small_image("lonely")
     hub.add("team/app", "v1", image)
     base = mirror_url(await start_mirror(hub.registry_url))
@@ -170,7 +189,9 @@ async def test_no_api_and_no_tag_is_an_empty_index(hub, start_mirror, http):
     assert found == [] and headers["OCI-Filters-Applied"] == "artifactType"
 
 
-async def test_referrers_of_a_private_repository_follow_the_manifest_rules(hub, start_mirror, http):
+async def test_referrers_of_a_private_repository_follow_the_manifest_rules(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     image, sig, _ = signed("secret")
     hub.add("acme/secret", "v1", image, private=True)
     hub.add("acme/secret", None, sig)
@@ -183,8 +204,8 @@ async def test_referrers_of_a_private_repository_follow_the_manifest_rules(hub, 
 
 @pytest.mark.integration
 async def test_referrers_tag_schema_of_a_real_registry_without_the_api(
-    start_mirror, tmp_path, http
-):
+    start_mirror: StartMirror, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
     """distribution 2.8 has no referrers API: a signature pushed with a `subject`, and the index
     a client pushes under `sha256-<hex>` instead (as cosign's and oras's fallback do)."""
     need("skopeo", "docker-registry")

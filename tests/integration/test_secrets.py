@@ -4,6 +4,7 @@ JSON), not in /metrics or the admin API, not in any response body or header."""
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import aiohttp
 
@@ -15,7 +16,7 @@ from tests.integration.test_pull_path import ALL_TYPES
 CLIENT_PASSWORD = "client-s3cret-pw"
 
 
-async def test_no_secret_appears_in_logs_metrics_or_answers(hub: FakeHub, tmp_path):
+async def test_no_secret_appears_in_logs_metrics_or_answers(hub: FakeHub, tmp_path: Path) -> None:
     hub.add("library/alpine", "3.19", public := small_image("hygiene"))
     hub.add("acme/secret", "v1", private := small_image("hygiene-private"), private=True)
     (tmp_path / "password").write_text(hub.password + "\n")

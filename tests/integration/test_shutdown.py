@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import signal
+from pathlib import Path
 
 import aiohttp
 
@@ -15,7 +16,9 @@ from tests.fixtures.procs import mirror_process
 MiB = 1 << 20
 
 
-async def test_sigterm_lets_a_download_in_flight_finish_then_exits_0(hub: FakeHub, tmp_path):
+async def test_sigterm_lets_a_download_in_flight_finish_then_exits_0(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     image = big_image("term", 8 * MiB, seed=9)
     hub.add("team/app", "v1", image)
     layer = image.layers()[0]

@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -55,13 +56,15 @@ async def serve_until_exit(*args: str, timeout: float = 10) -> tuple[int, list[s
     return proc.returncode, err.decode().splitlines(), time.monotonic() - started
 
 
-def addresses(tmp_path, listen: int, admin: int) -> list[str]:  # type: ignore[no-untyped-def]
+def addresses(tmp_path: Path, listen: int, admin: int) -> list[str]:
     return ["--listen", f"127.0.0.1:{listen}", "--admin-listen", f"127.0.0.1:{admin}",
             "--data", str(tmp_path / "second"), "--upstream", "http://127.0.0.1:9"]  # fmt: skip
 
 
 @pytest.mark.parametrize("workers", ["2", "1"])
-async def test_a_port_something_else_serves_stops_the_start_with_one_line(tmp_path, workers):
+async def test_a_port_something_else_serves_stops_the_start_with_one_line(
+    tmp_path: Path, workers: str
+) -> None:
     port = free_port()
     with plain_listener(port):
         code, lines, took = await serve_until_exit(
@@ -74,7 +77,7 @@ async def test_a_port_something_else_serves_stops_the_start_with_one_line(tmp_pa
 
 
 @pytest.mark.parametrize("workers", ["2", "1"])
-async def test_the_admin_port_held_stops_the_start(tmp_path, workers):
+async def test_the_admin_port_held_stops_the_start(tmp_path: Path, workers: str) -> None:
     admin = free_port()
     with plain_listener(admin):
         code, lines, took = await serve_until_exit(
@@ -87,8 +90,8 @@ async def test_the_admin_port_held_stops_the_start(tmp_path, workers):
 
 
 async def test_a_second_mirror_on_a_running_mirrors_port_stops_and_the_first_serves_all(
-    hub: FakeHub, tmp_path
-):
+    hub: FakeHub, tmp_path: Path
+) -> None:
     async with mirror_process(tmp_path / "first", hub.registry_url, "--workers", "2") as first:
         port = int(first.url.rsplit(":", 1)[1])
         for workers in ("2", "1"):
@@ -106,7 +109,9 @@ async def test_a_second_mirror_on_a_running_mirrors_port_stops_and_the_first_ser
         assert await asyncio.gather(*(status() for _ in range(64))) == [200] * 64
 
 
-async def test_listening_is_announced_once_every_worker_serves(hub: FakeHub, tmp_path):
+async def test_listening_is_announced_once_every_worker_serves(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     port, admin = free_port(), free_port()
     log = tmp_path / "mirror.log"
     argv = [sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{port}",
@@ -130,8 +135,8 @@ async def test_listening_is_announced_once_every_worker_serves(hub: FakeHub, tmp
 
 
 async def test_a_worker_that_cannot_start_again_stops_the_mirror_instead_of_looping(
-    hub: FakeHub, tmp_path
-):
+    hub: FakeHub, tmp_path: Path
+) -> None:
     async with mirror_process(tmp_path / "data", hub.registry_url, "--workers", "2") as mirror:
         admin = int(mirror.admin.rsplit(":", 1)[1])
         os.kill(worker_pids(mirror.proc.pid)[0], signal.SIGKILL)  # worker 0 serves the admin API

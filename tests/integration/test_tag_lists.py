@@ -7,8 +7,10 @@ import asyncio
 import json
 from urllib.parse import unquote
 
+import aiohttp
 import pytest
 
+from tests.conftest import StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import small_image
 from tests.fixtures.procs import need, run
@@ -23,7 +25,7 @@ def add_tags(hub: FakeHub, name: str, tags: list[str]) -> None:
         hub.add(name, tag, image)
 
 
-async def walk(http, base: str, path: str) -> tuple[list[str], list[str]]:  # type: ignore[no-untyped-def]
+async def walk(http: aiohttp.ClientSession, base: str, path: str) -> tuple[list[str], list[str]]:
     """Follow the mirror's Link headers from `path`: every tag seen, and each Link."""
     tags: list[str] = []
     links: list[str] = []
@@ -38,8 +40,8 @@ async def walk(http, base: str, path: str) -> tuple[list[str], list[str]]:  # ty
 
 
 async def test_an_upstream_that_ignores_n_and_last_and_does_not_sort_is_paged_by_the_mirror(
-    hub, start_mirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     add_tags(hub, "team/tags", UNSORTED)
     hub.tags_ignore_paging = hub.tags_unsorted = True
     base = mirror_url(await start_mirror(hub.registry_url))
@@ -55,8 +57,8 @@ async def test_an_upstream_that_ignores_n_and_last_and_does_not_sort_is_paged_by
 
 
 async def test_opaque_upstream_pages_are_followed_with_their_own_parameters(
-    hub, start_mirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     add_tags(hub, "team/cursor", UNSORTED)
     hub.tags_unsorted = True
     hub.tags_cursor_page = 3
@@ -71,7 +73,9 @@ async def test_opaque_upstream_pages_are_followed_with_their_own_parameters(
     assert all("n" not in r.query and "last" not in r.query for r in asked)
 
 
-async def test_the_next_link_keeps_containerd_ns(hub, start_mirror, http):
+async def test_the_next_link_keeps_containerd_ns(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     add_tags(hub, "library/alpine", ["3.18", "3.19", "3.20"])
     base = mirror_url(await start_mirror(hub.registry_url))
     status, headers, _ = await get(http, f"{base}/v2/library/alpine/tags/list?ns=docker.io&n=1")
@@ -83,7 +87,9 @@ async def test_the_next_link_keeps_containerd_ns(hub, start_mirror, http):
     assert tags == ["3.18", "3.19", "3.20"]
 
 
-async def test_n_zero_is_empty_and_a_bad_n_is_refused_before_upstream(hub, start_mirror, http):
+async def test_n_zero_is_empty_and_a_bad_n_is_refused_before_upstream(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     add_tags(hub, "team/zero", ["a", "b"])
     base = mirror_url(await start_mirror(hub.registry_url))
     status, headers, body = await get(http, f"{base}/v2/team/zero/tags/list?n=0")
@@ -94,7 +100,9 @@ async def test_n_zero_is_empty_and_a_bad_n_is_refused_before_upstream(hub, start
     assert hub.log == []
 
 
-async def test_concurrent_listings_share_one_upstream_walk(hub, start_mirror, http):
+async def test_concurrent_listings_share_one_upstream_walk(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     add_tags(hub, "team/many", [f"t{i}" for i in range(30)])
     hub.tags_cursor_page = 10
     base = mirror_url(await start_mirror(hub.registry_url))
@@ -105,7 +113,9 @@ async def test_concurrent_listings_share_one_upstream_walk(hub, start_mirror, ht
     assert len(hub.requests(contains="/tags/list")) == 3  # the upstream's three pages, once
 
 
-async def test_the_last_list_read_is_served_while_the_upstream_is_down(hub, start_mirror, http):
+async def test_the_last_list_read_is_served_while_the_upstream_is_down(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     add_tags(hub, "team/offline", ["b", "a", "c"])
     base = mirror_url(await start_mirror(hub.registry_url, tag_ttl=0))
     await get(http, f"{base}/v2/team/offline/tags/list")
@@ -117,7 +127,9 @@ async def test_the_last_list_read_is_served_while_the_upstream_is_down(hub, star
 
 
 @pytest.mark.integration
-async def test_skopeo_lists_a_cursor_paged_unsorted_upstream_in_order(hub, start_mirror):
+async def test_skopeo_lists_a_cursor_paged_unsorted_upstream_in_order(
+    hub: FakeHub, start_mirror: StartMirror
+) -> None:
     need("skopeo")
     add_tags(hub, "team/skopeo", UNSORTED)
     hub.tags_unsorted, hub.tags_cursor_page = True, 2

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from html import unescape
+from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import StartMirror
+from tests.conftest import StartAdmin, StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import make_image, multiarch_image, small_image
 from tests.integration.test_client_auth import basic, write_htpasswd
@@ -31,8 +32,8 @@ def listed(html: str) -> list[str]:
 
 
 async def test_page_lists_pulled_images_with_platforms_sizes_and_search(
-    hub: FakeHub, start_mirror: StartMirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     hub.add("library/alpine", "3.19", small_image("alpine"))
     hub.add("team/app", "v1", multiarch_image("app"))
     for n in range(60):
@@ -65,8 +66,8 @@ async def test_page_lists_pulled_images_with_platforms_sizes_and_search(
 
 
 async def test_detail_page_shows_layers_and_what_they_share(
-    hub: FakeHub, start_mirror: StartMirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     shared = {"etc/base.txt": b"the same base layer\n" * 100}
     first = make_image([shared, {"app/one": b"one\n"}], label="one")
     second = make_image([shared, {"app/two": b"two\n"}], label="two")
@@ -91,8 +92,8 @@ async def test_detail_page_shows_layers_and_what_they_share(
 
 
 async def test_the_public_page_never_names_a_private_repository_sharing_a_layer(
-    hub: FakeHub, start_mirror: StartMirror, start_admin, http
-):
+    hub: FakeHub, start_mirror: StartMirror, start_admin: StartAdmin, http: aiohttp.ClientSession
+) -> None:
     shared = {"etc/base.txt": b"a base layer both use\n" * 100}
     public = make_image([shared, {"app/open": b"open\n"}], label="open")
     secret = make_image([shared, {"app/secret": b"secret\n"}], label="secret")
@@ -113,8 +114,8 @@ async def test_the_public_page_never_names_a_private_repository_sharing_a_layer(
 
 
 async def test_private_repositories_are_listed_only_on_the_admin_page(
-    hub: FakeHub, start_mirror: StartMirror, start_admin, http
-):
+    hub: FakeHub, start_mirror: StartMirror, start_admin: StartAdmin, http: aiohttp.ClientSession
+) -> None:
     hub.add("team/open", "v1", small_image("open"))
     hub.add("acme/secret", "v1", small_image("secret"), private=True)
     server = await start_mirror(hub.registry_url, **CREDS)
@@ -133,8 +134,8 @@ async def test_private_repositories_are_listed_only_on_the_admin_page(
 
 
 async def test_admin_buttons_pin_unpin_and_purge_and_refuse_other_sites(
-    hub: FakeHub, start_mirror: StartMirror, start_admin, http
-):
+    hub: FakeHub, start_mirror: StartMirror, start_admin: StartAdmin, http: aiohttp.ClientSession
+) -> None:
     hub.add("team/app", "v1", small_image("buttons"))
     server = await start_mirror(hub.registry_url)
     base = mirror_url(server)
@@ -171,8 +172,8 @@ async def test_admin_buttons_pin_unpin_and_purge_and_refuse_other_sites(
 
 
 async def test_admin_reads_refuse_a_foreign_host_name(
-    hub: FakeHub, start_mirror: StartMirror, start_admin, http
-):
+    hub: FakeHub, start_mirror: StartMirror, start_admin: StartAdmin, http: aiohttp.ClientSession
+) -> None:
     """DNS rebinding: a page on evil.example re-resolved to 127.0.0.1 is same-origin to the
     browser, so it could read the admin page and stats unless GETs check Host too."""
     server = await start_mirror(hub.registry_url)
@@ -186,8 +187,8 @@ async def test_admin_reads_refuse_a_foreign_host_name(
 
 
 async def test_page_needs_the_mirror_login_like_v2(
-    hub: FakeHub, start_mirror: StartMirror, http, tmp_path
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     htpasswd = write_htpasswd(tmp_path, alice="wonderland")
     server = await start_mirror(hub.registry_url, auth_htpasswd=htpasswd)
     base = mirror_url(server)
@@ -200,8 +201,12 @@ async def test_page_needs_the_mirror_login_like_v2(
 
 
 async def test_web_ui_admin_only_or_off(
-    hub: FakeHub, start_mirror: StartMirror, start_admin, http, tmp_path
-):
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    start_admin: StartAdmin,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
     server = await start_mirror(hub.registry_url, web_ui="admin")
     async with http.get(f"{mirror_url(server)}/") as resp:
         assert resp.status == 404
@@ -214,8 +219,8 @@ async def test_web_ui_admin_only_or_off(
 
 
 async def test_header_and_chart_survive_a_restart(
-    hub: FakeHub, start_mirror: StartMirror, http, tmp_path
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     image = small_image("history")
     hub.add("team/app", "v1", image)
     data = tmp_path / "data"

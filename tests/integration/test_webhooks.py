@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,7 +19,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 
 from mirror.config import WebhookConfig
-from tests.conftest import StartMirror
+from tests.conftest import StartAdmin, StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import small_image
 from tests.fixtures.procs import free_port, mirror_process
@@ -84,8 +85,12 @@ def _metric(name: str, **labels: str) -> float:
 
 
 async def test_first_pull_sends_image_cached_once_and_signed(
-    hub: FakeHub, start_mirror: StartMirror, receiver: Receiver, http, tmp_path
-):
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    receiver: Receiver,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
     image = small_image("hooked")
     hub.add("team/app", "v1", image)
     hook = WebhookConfig(receiver.url, secret="hook-secret")
@@ -108,8 +113,8 @@ async def test_first_pull_sends_image_cached_once_and_signed(
 
 
 async def test_tag_update_upstream_sends_one_tag_updated_after_revalidation(
-    hub: FakeHub, start_mirror: StartMirror, receiver: Receiver, http
-):
+    hub: FakeHub, start_mirror: StartMirror, receiver: Receiver, http: aiohttp.ClientSession
+) -> None:
     old, new = small_image("tag-old"), small_image("tag-new")
     hub.add("team/app", "v1", old)
     server = await start_mirror(
@@ -135,8 +140,8 @@ async def test_tag_update_upstream_sends_one_tag_updated_after_revalidation(
 
 
 async def test_receiver_down_for_a_while_gets_every_event_in_order(
-    hub: FakeHub, start_mirror: StartMirror, http
-):
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
     receiver = Receiver()  # not listening yet
     for n in range(3):
         hub.add(f"team/app{n}", "v1", small_image(f"late-{n}"))
@@ -160,8 +165,8 @@ async def test_receiver_down_for_a_while_gets_every_event_in_order(
 
 
 async def test_a_hanging_receiver_does_not_slow_pulls(
-    hub: FakeHub, start_mirror: StartMirror, receiver: Receiver, http
-):
+    hub: FakeHub, start_mirror: StartMirror, receiver: Receiver, http: aiohttp.ClientSession
+) -> None:
     receiver.delay = 30
     for n in range(4):
         hub.add(f"team/slow{n}", "v1", small_image(f"slow-{n}"))
@@ -174,8 +179,12 @@ async def test_a_hanging_receiver_does_not_slow_pulls(
 
 
 async def test_purge_sends_blob_evicted_and_an_outage_one_upstream_error(
-    hub: FakeHub, start_mirror: StartMirror, start_admin, receiver: Receiver, http
-):
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    start_admin: StartAdmin,
+    receiver: Receiver,
+    http: aiohttp.ClientSession,
+) -> None:
     image = small_image("evicted")
     hub.add("team/app", "v1", image)
     hooks = (WebhookConfig(receiver.url, frozenset({"blob.evicted", "upstream.error"})),)
@@ -207,7 +216,9 @@ async def test_purge_sends_blob_evicted_and_an_outage_one_upstream_error(
     assert receiver.of_type("image.cached") == []  # not subscribed
 
 
-async def test_one_tag_updated_across_workers(hub: FakeHub, receiver: Receiver, tmp_path):
+async def test_one_tag_updated_across_workers(
+    hub: FakeHub, receiver: Receiver, tmp_path: Path
+) -> None:
     old, new = small_image("workers-old"), small_image("workers-new")
     hub.add("team/app", "v1", old)
     async with mirror_process(

@@ -49,7 +49,9 @@ def metric_total(text: str, name: str, **labels: str) -> float:
     return total
 
 
-async def test_clients_on_different_workers_share_one_upstream_download(hub: FakeHub, tmp_path):
+async def test_clients_on_different_workers_share_one_upstream_download(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     image = big_image("workers", 6 * MiB, seed=5)
     hub.add("team/app", "v1", image)
     layer = image.layers()[0]
@@ -89,6 +91,7 @@ def blob_requests_by_process(metrics_dir: Path) -> dict[int, float]:
         with tempfile.TemporaryDirectory() as alone:
             shutil.copy(path, alone)
             registry = CollectorRegistry()
+            # prometheus_client leaves this constructor unannotated (as in mirror/metrics.py)
             MultiProcessCollector(registry, alone)  # type: ignore[no-untyped-call]
             total = sum(
                 sample.value
@@ -101,7 +104,7 @@ def blob_requests_by_process(metrics_dir: Path) -> dict[int, float]:
     return found
 
 
-async def test_a_purge_empties_every_workers_memory(hub: FakeHub, tmp_path):
+async def test_a_purge_empties_every_workers_memory(hub: FakeHub, tmp_path: Path) -> None:
     image = big_image("purged", 1 * MiB, seed=6)
     hub.add("team/gone", "v1", image)
     async with mirror_process(tmp_path / "data", hub.registry_url, "--workers", "2") as mirror:
@@ -145,8 +148,8 @@ def holder_of(path: Path, pids: list[int]) -> int:
 
 
 async def test_a_killed_workers_partial_download_is_swept_and_the_cache_still_works(
-    hub: FakeHub, tmp_path
-):
+    hub: FakeHub, tmp_path: Path
+) -> None:
     image = big_image("swept", 16 * MiB, seed=7)
     hub.add("team/app", "v1", image)
     layer = image.layers()[0]
