@@ -57,18 +57,16 @@ def draw_inputs() -> list[tuple[str, str, str, dict[str, str]]]:
 Snapshot = dict[Path, tuple[int, int]]
 
 
-def snapshot(trees: list[Path], tops: list[Path], data: Path) -> Snapshot:
-    """Every file under `trees` and directly in `tops`, but outside `data`, with its size and
-    modification time: a new file and a changed one both show."""
+def snapshot(root: Path, data: Path) -> Snapshot:
+    """Every file under `root` but outside `data`, with its size and modification time: a
+    new file and a changed one both show."""
     found: Snapshot = {}
-    listings = [root.rglob("*") for root in trees] + [top.iterdir() for top in tops]
-    for listing in listings:
-        for path in listing:
-            if data in path.parents or path == data:
-                continue
-            with contextlib.suppress(OSError):
-                st = path.lstat()
-                found[path] = (st.st_size, st.st_mtime_ns)
+    for path in root.rglob("*"):
+        if data in path.parents or path == data:
+            continue
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            found[path] = (st.st_size, st.st_mtime_ns)
     return found
 
 
@@ -78,16 +76,21 @@ async def test_no_input_causes_a_server_error_or_touches_files_outside_data(
     """Against a real `mirror serve` (uvloop, the memory hit path in front of aiohttp), with
     the upstream up: no answer is a 5xx, 503 included (nothing here is unavailable)."""
     hub.add("library/alpine", "latest", image := small_image("fuzz"))
-    data, cwd = tmp_path / "mirror-data", tmp_path / "cwd"
-    cwd.mkdir()
-    trees, tops = [tmp_path, cwd], [Path("/tmp"), Path.home()]
+    data, cwd, home, tmp = (tmp_path / d for d in ("mirror-data", "cwd", "home", "tmp"))
+    for directory in (cwd, home, tmp):
+        directory.mkdir()
+    # Its working directory, home and temp directory are the test's own, so anything it would
+    # write where it should not lands where this test looks.
+    private = {"HOME": str(home), "TMPDIR": str(tmp)}
     failures = []
-    async with mirror_process(data, hub.registry_url, "--workers", "1", cwd=cwd) as mirror:
+    async with mirror_process(
+        data, hub.registry_url, "--workers", "1", cwd=cwd, env=private
+    ) as mirror:
         async with aiohttp.ClientSession() as http:  # warm: the hit path holds a manifest
             url = f"{mirror.url}/v2/library/alpine/manifests/latest"
             async with http.get(url, headers={"Accept": OCI_MANIFEST}) as resp:
                 assert resp.status == 200 and await resp.read() == image.top.data
-        before = snapshot(trees, tops, data)
+        before = snapshot(tmp_path, data)
         async with aiohttp.ClientSession(auto_decompress=False) as http:
             for method, path, query, headers in draw_inputs():
                 url = f"{mirror.url}/v2/{path}{query}"
@@ -103,7 +106,7 @@ async def test_no_input_causes_a_server_error_or_touches_files_outside_data(
                 except aiohttp.ClientResponseError as exc:
                     if exc.status >= 500:  # an answer the client could not even parse
                         failures.append((exc.status, method, url, headers))
-            after = snapshot(trees, tops, data)
+            after = snapshot(tmp_path, data)
             async with http.get(f"{mirror.url}/v2/") as resp:
                 assert resp.status == 200  # still serving
     assert failures == []
