@@ -7,6 +7,7 @@ to the public registry, which there cannot be reached, so a pass proves the mirr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -50,7 +51,9 @@ def served_from_mirror(hub: FakeHub, image: Image) -> None:
         assert hub.blob_gets(layer.digest), f"layer {layer.digest} never fetched upstream"
 
 
-async def test_skopeo_pulls_through_the_mirror(hub, images, start_mirror: StartMirror, tmp_path):
+async def test_skopeo_pulls_through_the_mirror(
+    hub: FakeHub, images: dict[str, Image], start_mirror: StartMirror, tmp_path: Path
+) -> None:
     need("skopeo")
     mirror = await start_mirror(hub.registry_url)
     host = f"127.0.0.1:{mirror.port}"
@@ -61,8 +64,8 @@ async def test_skopeo_pulls_through_the_mirror(hub, images, start_mirror: StartM
 
 
 async def test_ctr_pulls_through_the_mirror_with_the_documented_hosts_toml(
-    hub, images, start_mirror, tmp_path
-):
+    hub: FakeHub, images: dict[str, Image], start_mirror: StartMirror, tmp_path: Path
+) -> None:
     mirror = await start_mirror(hub.registry_url)
     hosts = tmp_path / "certs.d"
     (hosts / "docker.io").mkdir(parents=True)
@@ -90,8 +93,8 @@ async def test_ctr_pulls_through_the_mirror_with_the_documented_hosts_toml(
 
 
 async def test_dockerd_pulls_only_through_the_mirror_with_the_documented_daemon_json(
-    hub, images, start_mirror
-):
+    hub: FakeHub, images: dict[str, Image], start_mirror: StartMirror
+) -> None:
     mirror = await start_mirror(hub.registry_url)
     async with dockerd(snippet("docker-daemon-json", f"127.0.0.1:{mirror.port}")) as daemon:
         docker = ("docker", "-H", daemon.address)
@@ -104,7 +107,9 @@ async def test_dockerd_pulls_only_through_the_mirror_with_the_documented_daemon_
     served_from_mirror(hub, images["library/busybox:1.36"])
 
 
-async def test_warm_pulls_through_a_mirror_process_use_the_hit_path(hub, images, tmp_path):
+async def test_warm_pulls_through_a_mirror_process_use_the_hit_path(
+    hub: FakeHub, images: dict[str, Image], tmp_path: Path
+) -> None:
     """A real `mirror serve` (two workers, memory hit path): every client pulls twice."""
     async with mirror_process(tmp_path / "data", hub.registry_url) as mirror:
         host = mirror.url.removeprefix("http://")

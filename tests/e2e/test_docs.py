@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from aiohttp.test_utils import TestServer
 
 from mirror.config import RegistryConfig
 from tests.conftest import StartMirror
@@ -36,7 +37,7 @@ def hub_images(hub: FakeHub) -> dict[str, Image]:
     return found
 
 
-async def start_with_ghcr(hub: FakeHub, start_mirror: StartMirror):  # type: ignore[no-untyped-def]
+async def start_with_ghcr(hub: FakeHub, start_mirror: StartMirror) -> TestServer:
     """A mirror serving docker.io and a "ghcr.io" (both the fake hub, which holds both names)."""
     ghcr = RegistryConfig("ghcr.io", hub.registry_url, tag_ttl=300)
     return await start_mirror(hub.registry_url, registries=(ghcr,))
@@ -70,7 +71,9 @@ def test_every_snippet_in_the_doc_is_tested() -> None:
         assert snippets()[name] in readme, f"README's {name} differs from {CLIENTS_DOC.name}"
 
 
-async def test_containerd_hosts_toml_for_another_registry(hub, hub_images, start_mirror, tmp_path):
+async def test_containerd_hosts_toml_for_another_registry(
+    hub: FakeHub, hub_images: dict[str, Image], start_mirror: StartMirror, tmp_path: Path
+) -> None:
     mirror = await start_with_ghcr(hub, start_mirror)
     text = snippet("containerd-hosts-ghcr-io", f"127.0.0.1:{mirror.port}")
     hosts = write_hosts(tmp_path / "certs.d", "ghcr.io", text)
@@ -78,7 +81,9 @@ async def test_containerd_hosts_toml_for_another_registry(hub, hub_images, start
     assert any(r.query.get("scope", "").startswith("repository:owner/app") for r in hub.log)
 
 
-async def test_containerd_hosts_toml_with_tls_and_a_private_ca(hub, hub_images, tmp_path):
+async def test_containerd_hosts_toml_with_tls_and_a_private_ca(
+    hub: FakeHub, hub_images: dict[str, Image], tmp_path: Path
+) -> None:
     tls = await make_tls_files(tmp_path / "tls")
     args = ("--tls-cert", str(tls.cert), "--tls-key", str(tls.key))
     async with mirror_process(tmp_path / "data", hub.registry_url, *args) as mirror:
@@ -102,7 +107,9 @@ async def test_containerd_hosts_toml_with_tls_and_a_private_ca(hub, hub_images, 
             )
 
 
-async def test_podman_registries_conf(hub, hub_images, start_mirror):
+async def test_podman_registries_conf(
+    hub: FakeHub, hub_images: dict[str, Image], start_mirror: StartMirror
+) -> None:
     """podman reads the snippet; CRI-O reads the same file through the same library
     (containers/image), but CRI-O itself is not run here (Debian 12 has no package)."""
     mirror = await start_mirror(hub.registry_url)
@@ -116,7 +123,13 @@ async def test_podman_registries_conf(hub, hub_images, start_mirror):
 
 
 @pytest.mark.parametrize("override_path", [False, True], ids=["plain", "override-path"])
-async def test_k3s_registries_yaml(hub, hub_images, start_mirror, tmp_path, override_path):
+async def test_k3s_registries_yaml(
+    hub: FakeHub,
+    hub_images: dict[str, Image],
+    start_mirror: StartMirror,
+    tmp_path: Path,
+    override_path: bool,
+) -> None:
     """k3s is not run (Debian 12 has no package): the YAML is parsed, and containerd pulls
     with the hosts.toml k3s writes from it. k3s's normalizeEndpointAddress
     (pkg/agent/containerd/config.go) turns an endpoint without a path into `<endpoint>/v2`;
@@ -133,7 +146,9 @@ async def test_k3s_registries_yaml(hub, hub_images, start_mirror, tmp_path, over
     await ctr_pull(hosts, *hub_images.items())
 
 
-async def test_kind_cluster_yaml(hub, hub_images, start_mirror, tmp_path):
+async def test_kind_cluster_yaml(
+    hub: FakeHub, hub_images: dict[str, Image], start_mirror: StartMirror, tmp_path: Path
+) -> None:
     """kind is not run (Debian 12 has no package): the patch is given to this machine's
     containerd (1.6), which must read config_path from it; the mount's containerPath must be
     that path; containerd pulls with the hosts.toml in the mount's hostPath. That kind applies

@@ -4,15 +4,18 @@ with Basic auth standing in for quay.io. Routed by containerd's `ns` and by a ho
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 from prometheus_client import REGISTRY
 
 from mirror.config import RegistryConfig
 from tests.conftest import StartMirror
 from tests.fixtures.fakehub import FakeHub
-from tests.fixtures.images import make_image, random_bytes
+from tests.fixtures.images import Image, make_image, random_bytes
 from tests.fixtures.procs import (
     containerd,
     docker_registry,
@@ -28,9 +31,14 @@ pytestmark = pytest.mark.e2e
 CREDS = ("quayuser", "quaypass")
 SHARED = {"shared/base.bin": random_bytes(3 << 20, 99)}
 
+# The mirror in front of both, the hub's image and quay's (sharing a layer).
+TwoUpstreams = tuple[TestServer, Image, Image]
+
 
 @pytest.fixture
-async def two_upstreams(hub: FakeHub, tmp_path: Path, start_mirror: StartMirror):  # type: ignore[no-untyped-def]
+async def two_upstreams(
+    hub: FakeHub, tmp_path: Path, start_mirror: StartMirror
+) -> AsyncIterator[TwoUpstreams]:
     hub_image = make_image([SHARED, {"etc/hub": b"hub"}], label="hub")
     quay_image = make_image([SHARED, {"etc/quay": b"quay"}], label="quay", docker=True)
     hub.add("library/alpine", "3.19", hub_image)
@@ -44,8 +52,11 @@ async def two_upstreams(hub: FakeHub, tmp_path: Path, start_mirror: StartMirror)
         yield mirror, hub_image, quay_image
 
 
-async def test_ctr_pulls_from_two_registries_through_one_mirror(two_upstreams, hub, tmp_path):
+async def test_ctr_pulls_from_two_registries_through_one_mirror(
+    two_upstreams: TwoUpstreams, hub: FakeHub, tmp_path: Path
+) -> None:
     mirror, hub_image, quay_image = two_upstreams
+    assert mirror.port is not None  # a started TestServer has its port
     hosts = tmp_path / "certs.d"
     for registry in ("docker.io", "quay.io"):
         write_hosts_toml(hosts, registry, mirror.port)
@@ -74,7 +85,9 @@ async def test_ctr_pulls_from_two_registries_through_one_mirror(two_upstreams, h
     assert hub.blob_gets(hub_image.layers()[1].digest), "the hub's own layer came from the hub"
 
 
-async def test_skopeo_pulls_both_registries_by_prefix(two_upstreams, hub, tmp_path):
+async def test_skopeo_pulls_both_registries_by_prefix(
+    two_upstreams: TwoUpstreams, hub: FakeHub, tmp_path: Path
+) -> None:
     mirror, hub_image, quay_image = two_upstreams
     host = f"127.0.0.1:{mirror.port}"
     await skopeo_pull_and_verify(
@@ -85,7 +98,9 @@ async def test_skopeo_pulls_both_registries_by_prefix(two_upstreams, hub, tmp_pa
     assert hub.blob_gets(hub_image.layers()[0].digest) == []
 
 
-async def test_an_unconfigured_registry_is_refused_without_going_out(two_upstreams, hub, http):
+async def test_an_unconfigured_registry_is_refused_without_going_out(
+    two_upstreams: TwoUpstreams, hub: FakeHub, http: aiohttp.ClientSession
+) -> None:
     mirror, _, _ = two_upstreams
     base = mirror_url(mirror)
     before = {m.name: sum(s.value for s in m.samples) for m in REGISTRY.collect()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -11,6 +13,9 @@ from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import multiarch_image, small_image
 from tests.fixtures.procs import artifact_path, chromium, mirror_process, skopeo_pull_and_verify
 from tests.integration.test_pull_path import ALL_TYPES, pull
+
+if TYPE_CHECKING:  # types only: procs.chromium imports playwright when Chromium starts
+    from playwright.async_api import ElementHandle, Page
 
 REPOS, TAGS = 20, 50  # 1,000 cached tags
 
@@ -33,15 +38,23 @@ async def cache_many_tags(base: str) -> None:
         await asyncio.gather(*(one(r, t) for r in range(REPOS) for t in range(TAGS)))
 
 
-async def chart_bars(page) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+async def byte_count(bar: ElementHandle, attribute: str) -> int:
+    value = await bar.get_attribute(attribute)
+    assert value is not None, f"a chart bar without {attribute}"
+    return int(value)
+
+
+async def chart_bars(page: Page) -> list[tuple[int, int]]:
     return [
-        (int(await bar.get_attribute("data-cache-bytes")),
-         int(await bar.get_attribute("data-upstream-bytes")))
+        (await byte_count(bar, "data-cache-bytes"),
+         await byte_count(bar, "data-upstream-bytes"))
         for bar in await page.query_selector_all("#chart-hours g.bar")
     ]  # fmt: skip
 
 
-async def test_page_lists_searches_details_and_charts_in_chromium(hub: FakeHub, tmp_path):
+async def test_page_lists_searches_details_and_charts_in_chromium(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     app = multiarch_image("web-app")
     hub.add("team/app", "v1", app)
     hub.add("library/alpine", "3.19", small_image("web-alpine"))
