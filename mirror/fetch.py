@@ -173,6 +173,21 @@ class InflightFetch:
             raise RegistryError.unavailable("upstream blob failed verification") from self.error
 
 
+@dataclass(frozen=True, slots=True)
+class Download:
+    """One download this worker runs: what its readers follow, the temp file it fills, the
+    claim that makes it the only one, and the upstream it asks as which repository."""
+
+    fetch: InflightFetch
+    writer: BlobWriter
+    claim: Claim
+    client: RegistryClient
+    repository: str
+
+    def parts(self) -> tuple[InflightFetch, BlobWriter, Claim, RegistryClient]:
+        return self.fetch, self.writer, self.claim, self.client
+
+
 class BlobFetcher:
     """The in-flight table and the download tasks it owns."""
 
@@ -285,7 +300,9 @@ class BlobFetcher:
         claim.note(temp=writer.temp_path.name)
         fetch = InflightFetch(digest, writer.temp_path, final_path, (registry, repository))
         INFLIGHT_FETCHES.inc()
-        self._start(fetch, self._run(fetch, writer, claim, self._clients[registry], repository))
+        self._start(
+            fetch, self._run(Download(fetch, writer, claim, self._clients[registry], repository))
+        )
         return fetch, False
 
     def _start(self, fetch: InflightFetch, work: Coroutine[Any, Any, None]) -> None:
@@ -347,22 +364,15 @@ class BlobFetcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _run(
-        self,
-        fetch: InflightFetch,
-        writer: BlobWriter,
-        claim: Claim,
-        client: RegistryClient,
-        repository: str,
-    ) -> None:
-        announce = asyncio.create_task(
-            self._announce_while_queued(fetch, writer, claim, client, repository)
-        )
+    async def _run(self, download: Download) -> None:
+        fetch, writer, claim, client = download.parts()
+        repository = download.repository
+        announce = asyncio.create_task(self._announce_while_queued(download))
         try:
             try:
                 async with self._slots[client.registry.name]:
                     announce.cancel()
-                    media_type = await self._download(fetch, writer, claim, client, repository)
+                    media_type = await self._download(download)
             finally:
                 announce.cancel()
             # Clients get their last byte once the bytes are proven right, not once they are
@@ -425,19 +435,14 @@ class BlobFetcher:
             self._inflight.pop(fetch.digest, None)
             INFLIGHT_FETCHES.dec()
 
-    async def _announce_while_queued(
-        self,
-        fetch: InflightFetch,
-        writer: BlobWriter,
-        claim: Claim,
-        client: RegistryClient,
-        repository: str,
-    ) -> None:
+    async def _announce_while_queued(self, download: Download) -> None:
         """A download waiting for a slot (`max_upstream_fetches`) for QUEUED_HEADERS seconds
         gets its size from an upstream HEAD (free), so its clients get their response headers
         now: containerd gives up on a response without headers after 30 s, and a 503 would
         send it (and Docker) past the mirror to the registry itself. The body follows once the
         download has its slot. Best effort: the download reports any upstream error itself."""
+        fetch, writer, claim, client = download.parts()
+        repository = download.repository
         await asyncio.sleep(QUEUED_HEADERS)
         try:
             resp = await client.request("HEAD", repository, f"blobs/{fetch.digest}")
@@ -449,15 +454,10 @@ class BlobFetcher:
             fetch.started(size)
             claim.note(temp=writer.temp_path.name, size=size)
 
-    async def _download(
-        self,
-        fetch: InflightFetch,
-        writer: BlobWriter,
-        claim: Claim,
-        client: RegistryClient,
-        repository: str,
-    ) -> str | None:
+    async def _download(self, download: Download) -> str | None:
         """Fill the temp file, resuming with Range after a cut; return the upstream media type."""
+        fetch, writer, claim, client = download.parts()
+        repository = download.repository
         media_type: str | None = None
         failures = 0
         while True:
