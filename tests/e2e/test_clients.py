@@ -18,7 +18,9 @@ from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import Image, make_image, multiarch_image, random_bytes, small_image
 from tests.fixtures.procs import (
     containerd,
+    ctr_pull,
     dockerd,
+    hosts_dir,
     mirror_process,
     need,
     run,
@@ -67,27 +69,14 @@ async def test_ctr_pulls_through_the_mirror_with_the_documented_hosts_toml(
     hub: FakeHub, images: dict[str, Image], start_mirror: StartMirror, tmp_path: Path
 ) -> None:
     mirror = await start_mirror(hub.registry_url)
-    hosts = tmp_path / "certs.d"
-    (hosts / "docker.io").mkdir(parents=True)
-    (hosts / "docker.io" / "hosts.toml").write_text(
-        snippet("containerd-hosts-docker-io", f"127.0.0.1:{mirror.port}")
+    hosts = hosts_dir(
+        tmp_path / "certs.d",
+        "docker.io",
+        snippet("containerd-hosts-docker-io", f"127.0.0.1:{mirror.port}"),
     )
     async with containerd() as ctd:
-        ctr = ("ctr", "--address", ctd.address, "--namespace", "e2e")
         for ref, image in images.items():
-            await run(
-                *ctr,
-                "images",
-                "pull",
-                "--hosts-dir",
-                str(hosts),
-                "--platform",
-                "linux/amd64",
-                "--snapshotter",
-                "native",
-                f"docker.io/{ref}",
-            )
-            listing = await run(*ctr, "images", "ls")
+            listing = await ctr_pull(ctd, hosts, f"docker.io/{ref}", "--platform", "linux/amd64")
             assert image.digest in listing, listing
     served_from_mirror(hub, images["team/big:v1"])
 
@@ -117,15 +106,13 @@ async def test_warm_pulls_through_a_mirror_process_use_the_hit_path(
             for ref, image in images.items():
                 out = tmp_path / attempt / ref.replace("/", "_").replace(":", "_")
                 await skopeo_pull_and_verify(f"{host}/{ref}", out, image)
-        hosts = tmp_path / "certs.d"
-        (hosts / "docker.io").mkdir(parents=True)
-        (hosts / "docker.io" / "hosts.toml").write_text(snippet("containerd-hosts-docker-io", host))
+        hosts = hosts_dir(
+            tmp_path / "certs.d", "docker.io", snippet("containerd-hosts-docker-io", host)
+        )
         async with containerd() as ctd:
-            ctr = ("ctr", "--address", ctd.address, "--namespace", "warm")
             for ref, image in images.items():
-                await run(*ctr, "images", "pull", "--hosts-dir", str(hosts), "--platform",
-                          "linux/amd64", "--snapshotter", "native", f"docker.io/{ref}")  # fmt: skip
-                assert image.digest in await run(*ctr, "images", "ls")
+                ref = f"docker.io/{ref}"
+                assert image.digest in await ctr_pull(ctd, hosts, ref, "--platform", "linux/amd64")
         async with aiohttp.ClientSession() as http, http.get(f"{mirror.url}/metrics") as resp:
             metrics = await resp.text()
     hits = [

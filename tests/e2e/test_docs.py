@@ -20,7 +20,15 @@ from tests.fixtures.docs import CLIENTS_DOC, snippet, snippets
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import Image, make_image, small_image
 from tests.fixtures.podman import podman
-from tests.fixtures.procs import containerd, make_tls_files, mirror_process, need, run
+from tests.fixtures.procs import (
+    containerd,
+    ctr_pull,
+    hosts_dir,
+    make_tls_files,
+    mirror_process,
+    need,
+    run,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -43,19 +51,10 @@ async def start_with_ghcr(hub: FakeHub, start_mirror: StartMirror) -> TestServer
     return await start_mirror(hub.registry_url, registries=(ghcr,))
 
 
-async def ctr_pull(hosts_dir: Path, *refs_and_images: tuple[str, Image]) -> None:
+async def pull_with_ctr(hosts: Path, *refs_and_images: tuple[str, Image]) -> None:
     async with containerd() as ctd:
-        ctr = ("ctr", "--address", ctd.address, "--namespace", "docs")
         for ref, image in refs_and_images:
-            await run(*ctr, "images", "pull", "--hosts-dir", str(hosts_dir),
-                      "--snapshotter", "native", ref)  # fmt: skip
-            assert image.digest in await run(*ctr, "images", "ls"), ref
-
-
-def write_hosts(root: Path, registry: str, text: str) -> Path:
-    (root / registry).mkdir(parents=True, exist_ok=True)
-    (root / registry / "hosts.toml").write_text(text)
-    return root
+            assert image.digest in await ctr_pull(ctd, hosts, ref), ref
 
 
 def test_every_snippet_in_the_doc_is_tested() -> None:
@@ -76,8 +75,8 @@ async def test_containerd_hosts_toml_for_another_registry(
 ) -> None:
     mirror = await start_with_ghcr(hub, start_mirror)
     text = snippet("containerd-hosts-ghcr-io", f"127.0.0.1:{mirror.port}")
-    hosts = write_hosts(tmp_path / "certs.d", "ghcr.io", text)
-    await ctr_pull(hosts, ("ghcr.io/owner/app:v1", hub_images["ghcr.io/owner/app:v1"]))
+    hosts = hosts_dir(tmp_path / "certs.d", "ghcr.io", text)
+    await pull_with_ctr(hosts, ("ghcr.io/owner/app:v1", hub_images["ghcr.io/owner/app:v1"]))
     assert any(r.query.get("scope", "").startswith("repository:owner/app") for r in hub.log)
 
 
@@ -91,17 +90,17 @@ async def test_containerd_hosts_toml_with_tls_and_a_private_ca(
         text = snippet("containerd-hosts-tls", mirror.url.removeprefix("https://"))
         documented_ca = "/etc/containerd/certs.d/docker.io/mirror-ca.crt"
         assert documented_ca in text
-        hosts = write_hosts(
+        hosts = hosts_dir(
             tmp_path / "certs.d", "docker.io", text.replace(documented_ca, str(tls.ca))
         )
-        await ctr_pull(
+        await pull_with_ctr(
             hosts, ("docker.io/library/alpine:3.19", hub_images["docker.io/library/alpine:3.19"])
         )
         # Without the CA the same host entry is refused: the pull really went over verified TLS.
-        untrusted = write_hosts(tmp_path / "untrusted", "docker.io",
+        untrusted = hosts_dir(tmp_path / "untrusted", "docker.io",
                                 text.replace(f'  ca = "{documented_ca}"\n', ""))  # fmt: skip
         with pytest.raises(AssertionError, match="certificate"):
-            await ctr_pull(
+            await pull_with_ctr(
                 untrusted,
                 ("docker.io/library/alpine:3.19", hub_images["docker.io/library/alpine:3.19"]),
             )
@@ -142,8 +141,8 @@ async def test_k3s_registries_yaml(
         for endpoint in entry["endpoint"]:
             lines.append(f'[host."{endpoint}/v2"]\n  capabilities = ["pull", "resolve"]\n'
                          + ("  override_path = true\n" if override_path else ""))  # fmt: skip
-        write_hosts(hosts, registry, "".join(lines))
-    await ctr_pull(hosts, *hub_images.items())
+        hosts_dir(hosts, registry, "".join(lines))
+    await pull_with_ctr(hosts, *hub_images.items())
 
 
 async def test_kind_cluster_yaml(
@@ -170,7 +169,7 @@ async def test_kind_cluster_yaml(
     # The mounted directory holds the documented docker.io hosts.toml; containerd pulls with it.
     host_dir = tmp_path / mount["hostPath"]
     text = snippet("containerd-hosts-docker-io", f"127.0.0.1:{mirror.port}")
-    write_hosts(host_dir, "docker.io", text)
-    await ctr_pull(
+    hosts_dir(host_dir, "docker.io", text)
+    await pull_with_ctr(
         host_dir, ("docker.io/library/alpine:3.19", hub_images["docker.io/library/alpine:3.19"])
     )

@@ -18,9 +18,9 @@ from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import Image, make_image, random_bytes
 from tests.fixtures.procs import (
     containerd,
+    ctr_pull,
     docker_registry,
     push,
-    run,
     skopeo_pull_and_verify,
     write_hosts_toml,
 )
@@ -61,24 +61,11 @@ async def test_ctr_pulls_from_two_registries_through_one_mirror(
     for registry in ("docker.io", "quay.io"):
         write_hosts_toml(hosts, registry, mirror.port)
     async with containerd() as ctd:
-        ctr = ("ctr", "--address", ctd.address, "--namespace", "multi")
         for ref, image in (
             ("quay.io/team/app:v1", quay_image),
             ("docker.io/library/alpine:3.19", hub_image),
         ):
-            await run(
-                *ctr,
-                "images",
-                "pull",
-                "--hosts-dir",
-                str(hosts),
-                "--snapshotter",
-                "native",
-                "--user",
-                ":".join(CREDS),
-                ref,
-            )
-            assert image.digest in await run(*ctr, "images", "ls")
+            assert image.digest in await ctr_pull(ctd, hosts, ref, "--user", ":".join(CREDS))
     shared = hub_image.layers()[0].digest
     assert shared == quay_image.layers()[0].digest
     assert hub.blob_gets(shared) == [], "a layer already fetched from quay.io was fetched again"

@@ -12,7 +12,7 @@ from tests.conftest import StartMirror
 from tests.fixtures.docs import snippet
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import multiarch_image
-from tests.fixtures.procs import containerd, run
+from tests.fixtures.procs import containerd, ctr_pull, hosts_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -26,18 +26,15 @@ async def test_ctr_pulling_alias_tags_costs_heads_and_one_get_per_digest(
     for tag in ALIASES:
         hub.add("library/alpine", tag, image)
     mirror = await start_mirror(hub.registry_url)
-    hosts = tmp_path / "certs.d"
-    (hosts / "docker.io").mkdir(parents=True)
-    (hosts / "docker.io" / "hosts.toml").write_text(
-        snippet("containerd-hosts-docker-io", f"127.0.0.1:{mirror.port}")
+    hosts = hosts_dir(
+        tmp_path / "certs.d",
+        "docker.io",
+        snippet("containerd-hosts-docker-io", f"127.0.0.1:{mirror.port}"),
     )
     async with containerd() as ctd:
-        ctr = ("ctr", "--address", ctd.address, "--namespace", "aliases")
         for tag in ALIASES:
             ref = f"docker.io/library/alpine:{tag}"
-            await run(*ctr, "images", "pull", "--hosts-dir", str(hosts), "--platform",
-                      "linux/amd64", "--snapshotter", "native", ref)  # fmt: skip
-            assert image.digest in await run(*ctr, "images", "ls")
+            assert image.digest in await ctr_pull(ctd, hosts, ref, "--platform", "linux/amd64")
     gets = [r.path.rsplit("/", 1)[1] for r in hub.manifest_gets()]
     heads = [r.path.rsplit("/", 1)[1] for r in hub.requests("registry", "HEAD", "/manifests/")]
     # Every tag resolved with a HEAD; the index and the amd64 image fetched once, by digest.
