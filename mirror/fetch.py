@@ -139,6 +139,17 @@ class InflightFetch:
         """Wait for the upstream response headers; raises the upstream's error if there was one."""
         await asyncio.shield(self._started)
 
+    async def refused(self) -> bool:
+        """Wait for the upstream's answer; True if it refused the download (401, 403, 404): an
+        answer about the repository the download was started for, not about the blob."""
+        try:
+            await self.wait_started()
+        except RegistryError as exc:
+            return exc.status in (401, 403, 404)
+        except Exception:
+            return False
+        return False
+
     async def wait_progress(self) -> None:
         await asyncio.shield(self._progress)
 

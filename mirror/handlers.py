@@ -110,17 +110,23 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
         request[CACHE_RESULT] = "miss"
         length, chunks = await fetcher.stream_uncached(registry, repository, digest)
         return await send_uncached_blob(request, digest, length, chunks)
-    found = fetcher.open_or_join(registry, repository, digest)
     membership = request.app[MEMBERSHIP]
-    if isinstance(found, CachedBlob):
-        with found.file:
-            await membership.check(registry, repository, digest, grant)
-            request[CACHE_RESULT] = "hit"
-            request.app[ACCESS].touch(digest)
-            return await send_cached_blob(request, found.file, digest, found.size)
-    fetch, joined = found
-    if fetch.origin != (registry, repository):
+    for attempt in range(2):
+        found = fetcher.open_or_join(registry, repository, digest)
+        if isinstance(found, CachedBlob):
+            with found.file:
+                await membership.check(registry, repository, digest, grant)
+                request[CACHE_RESULT] = "hit"
+                request.app[ACCESS].touch(digest)
+                return await send_cached_blob(request, found.file, digest, found.size)
+        fetch, joined = found
+        if fetch.origin == (registry, repository):
+            break
         await membership.check(registry, repository, digest, grant)
+        # A download for another repository can be refused for that repository (it does not
+        # hold the blob); this one does, and downloads it itself rather than fail with it.
+        if attempt or not await fetch.refused():
+            break
     request[CACHE_RESULT] = "coalesced" if joined else "miss"
     return await send_inflight_blob(request, fetch, joined)
 

@@ -127,7 +127,14 @@ def platform_child(index_bytes: bytes, platform: tuple[str, str] = DEFAULT_PLATF
 
 
 def references(data: bytes) -> list[tuple[str, int]]:
-    """The (digest, size) of everything a manifest or index names: config, layers, manifests."""
+    """The (digest, size) of everything a manifest or index names and its registry holds:
+    config, layers, manifests.
+
+    Left out: descriptors with `urls` (foreign, non-distributable layers). A registry accepts
+    a manifest naming one without holding the blob (clients fetch it from the URLs;
+    distribution skips its existence check for them), so naming one proves nothing about the
+    repository: counted as held, any public manifest could name another repository's private
+    layer and unlock it from the cache (see membership.py)."""
     try:
         doc = json.loads(data)
     except ValueError:
@@ -143,6 +150,8 @@ def references(data: bytes) -> list[tuple[str, int]]:
     found: list[tuple[str, int]] = []
     for entry in entries:
         if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
+            if entry.get("urls"):
+                continue
             size = entry.get("size")
             found.append((entry["digest"], size if isinstance(size, int) else 0))
     return found

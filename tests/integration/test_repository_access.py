@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +15,15 @@ import pytest
 
 from tests.conftest import StartMirror
 from tests.fixtures.fakehub import FakeHub
-from tests.fixtures.images import big_image, make_image, small_image
+from tests.fixtures.images import (
+    OCI_LAYER,
+    OCI_MANIFEST,
+    Blob,
+    Image,
+    big_image,
+    make_image,
+    small_image,
+)
 from tests.fixtures.procs import mirror_process, need, run, skopeo_pull_and_verify
 from tests.integration.test_pull_path import ALL_TYPES, mirror_url, pull
 
@@ -130,3 +139,71 @@ async def test_a_shared_layer_crosses_the_internet_once_and_is_served_to_each_ho
         f"/v2/team/raw/blobs/{shared.digest}",
     ]
     assert len(hub.blob_gets(shared.digest)) == 1
+
+
+def naming_with_urls(blob: Blob, label: str) -> Image:
+    """A public image whose manifest also names `blob` as a foreign layer (with `urls`): a
+    registry accepts that without holding the blob in the repository."""
+    own = small_image(label, layers=1)
+    doc = json.loads(own.top.data)
+    doc["layers"].append(
+        {"mediaType": OCI_LAYER, "digest": blob.digest, "size": len(blob.data),
+         "urls": ["https://example.com/layer.tar.gz"]}
+    )  # fmt: skip
+    top = Blob(OCI_MANIFEST, json.dumps(doc).encode())
+    return Image(top=top, manifests={top.digest: top}, blobs=own.blobs)
+
+
+async def test_a_foreign_layer_descriptor_proves_nothing_about_a_repository(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
+    """eve's public manifest names alice's private layer with `urls` (distribution accepts such
+    a manifest without the blob): under eve's name the cached layer is not served."""
+    secret = small_image("alice-urls")
+    layer = secret.layers()[0]
+    hub.add("acme/secret", "v1", secret, private=True)
+    hub.add("eve/pub", "v1", eve := naming_with_urls(layer, "eve-urls"))
+    base = mirror_url(await start_mirror(hub.registry_url, private="passthrough",
+                                         username=ALICE[0], password=ALICE[1]))  # fmt: skip
+    async with http.get(f"{base}/v2/acme/secret/blobs/{layer.digest}", headers=ALICE_AUTH) as resp:
+        assert resp.status == 200 and await resp.read() == layer.data  # now cached
+    async with http.get(
+        f"{base}/v2/eve/pub/manifests/v1", headers={"Accept": OCI_MANIFEST}
+    ) as resp:
+        assert resp.status == 200 and await resp.read() == eve.top.data
+    async with http.get(f"{base}/v2/eve/pub/blobs/{layer.digest}") as resp:
+        assert resp.status == 404 and layer.data not in await resp.read()
+    # asked upstream, as eve/pub, which does not hold it
+    assert hub.requests("registry", "HEAD", f"/v2/eve/pub/blobs/{layer.digest}")
+
+
+async def test_a_download_refused_for_another_repository_does_not_fail_a_holder(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
+) -> None:
+    """A client asks for team/app's layer under library/alpine (which does not hold it) and
+    starts a download that upstream will refuse; team/app's own client joins meanwhile and
+    still gets its layer: it downloads it as team/app once the other is refused."""
+    busy = big_image("busy-slot", 2 << 20, seed=45)
+    app = small_image("holder-app")
+    hub.add("team/busy", "v1", busy)
+    hub.add("team/app", "v1", app)
+    hub.add("library/alpine", "3.19", small_image("not-a-holder"))
+    base = mirror_url(await start_mirror(hub.registry_url, max_upstream_fetches=1))
+    layer = app.layers()[0]
+    async with http.get(f"{base}/v2/team/app/manifests/v1", headers={"Accept": OCI_MANIFEST}):
+        pass  # team/app's cached manifest names the layer
+    hub.slow = 0.02  # the only download slot is busy for a while
+    busy_blob = f"{base}/v2/team/busy/blobs/{busy.layers()[0].digest}"
+    holder = asyncio.create_task(http.get(busy_blob))
+    await asyncio.sleep(0.3)
+
+    async def fetch(repository: str) -> tuple[int, bytes]:
+        async with http.get(f"{base}/v2/{repository}/blobs/{layer.digest}") as resp:
+            return resp.status, await resp.read()
+
+    other = asyncio.create_task(fetch("library/alpine"))  # queued, as library/alpine
+    await asyncio.sleep(0.2)
+    own = asyncio.create_task(fetch("team/app"))  # joins it
+    assert (await other)[0] == 404
+    assert await own == (200, layer.data)
+    (await holder).release()
