@@ -7,8 +7,9 @@ connection starts in front of aiohttp's protocol: a complete request head that i
 GET or HEAD of a manifest this worker holds in memory is answered right here, with the same
 bytes, headers, metrics and access line as the full path. Anything else — a miss, a
 conditional or ranged request, a body, `Connection: close`, HTTP/1.0, percent-encoding, a
-query other than `ns` — hands the connection, with every byte received so far, to aiohttp
-for good; aiohttp never knows the difference.
+query other than `ns`, or a client that stops reading its answers (the transport paused
+writing) — hands the connection, with every byte received so far, to aiohttp for good;
+aiohttp never knows the difference.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class HitPathProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._remote = "-"
         self._head_timer: asyncio.TimerHandle | None = None
+        self._writing_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -178,6 +180,11 @@ class HitPathProtocol(asyncio.Protocol):
                     )
                 return
             self._cancel_head_timer()
+            if self._writing_paused:
+                # The client is not reading what it asked for: answers would pile up in memory
+                # (a few request bytes each buy a whole manifest). aiohttp answers the rest,
+                # one at a time, waiting for the client to drain each.
+                break
             response = self._answers.answer(buffer[:end], self._remote)
             if response is None:
                 break
@@ -221,9 +228,11 @@ class HitPathProtocol(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        self._writing_paused = True
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         self._inner.resume_writing()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -11,7 +12,7 @@ from yarl import URL
 
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import OCI_MANIFEST, Blob, Image, small_image
-from tests.fixtures.procs import mirror_process
+from tests.fixtures.procs import memory_mib, mirror_process
 from tests.integration.test_pull_path import ALL_TYPES
 
 SAME = ("Content-Type", "Content-Length", "Docker-Content-Digest", "ETag")
@@ -114,6 +115,41 @@ async def test_a_manifest_media_type_cannot_inject_headers_on_either_path(
     for _, headers in seen:
         assert "X-Injected" not in headers
         assert headers["Content-Type"] == OCI_MANIFEST
+
+
+async def test_pipelined_hits_a_client_does_not_read_cannot_fill_memory(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """1,000 pipelined GETs of a 1 MiB manifest held in memory, never read: a few request
+    bytes must not each buy a whole manifest of the worker's memory."""
+    base = small_image("pipelined")
+    doc = json.loads(base.top.data)
+    doc["annotations"] = {"pad": "x" * (1 << 20)}
+    top = Blob(OCI_MANIFEST, json.dumps(doc).encode())
+    hub.add("team/pipe", "v1", Image(top=top, manifests={top.digest: top}, blobs=base.blobs))
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--workers", "1") as mirror:
+        path = f"/v2/team/pipe/manifests/{top.digest}"
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2):  # the second is a memory hit
+                async with http.get(mirror.url + path, headers={"Accept": ALL_TYPES}) as resp:
+                    assert resp.status == 200 and await resp.read() == top.data
+        before = memory_mib(mirror.proc.pid)
+        host, port = mirror.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: m\r\nAccept: {ALL_TYPES}\r\n\r\n".encode() * 1000
+        )
+        await asyncio.sleep(2)
+        after = memory_mib(mirror.proc.pid)
+        async with (
+            aiohttp.ClientSession() as http,  # everyone else is still served
+            http.get(mirror.url + path, headers={"Accept": ALL_TYPES}) as resp,
+        ):
+            assert resp.status == 200
+        sock.close()
+    assert after - before < 20, f"RSS grew {after - before:.0f} MiB for one unread connection"
 
 
 async def test_private_content_held_in_memory_is_not_served(hub: FakeHub, tmp_path: Path) -> None:
