@@ -43,7 +43,7 @@ def parse_duration(value: str | float | int, setting: str = "duration") -> float
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        match = _DURATION_RE.match(str(value))
+        match = _DURATION_RE.fullmatch(str(value))
         if not match:
             raise ConfigError(f"{setting}: {value!r} is not a duration (e.g. 300, 90s, 5m, 1h)")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
@@ -60,7 +60,7 @@ def parse_size(value: str | int, setting: str = "size") -> int:
     """Bytes from `1048576`, `500MiB`, `50GiB`, `2GB` (binary with `i`, decimal without)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    match = _SIZE_RE.match(str(value))
+    match = _SIZE_RE.fullmatch(str(value))
     if not match:
         raise ConfigError(f"{setting}: {value!r} is not a size (e.g. 500MiB, 50GiB)")
     unit = (match.group(2) or "").lower().rstrip("b")
@@ -253,7 +253,7 @@ def _check_table(name: str, table: object) -> dict[str, Any]:
 def _registry_table(name: str, table: object, env: Mapping[str, str]) -> RegistryConfig:
     """One `[registries."host"]` table: url, credentials (file or env), tag_ttl, token_realms."""
     setting = f'registries."{name}"'
-    if not _REGISTRY_NAME.match(name):
+    if not _REGISTRY_NAME.fullmatch(name):
         raise ConfigError(f"{setting}: a registry is named by its host, e.g. ghcr.io")
     table = _check_table(name, table)
     password = None

@@ -27,13 +27,14 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # distribution's limit; containerd's own c
 DEFAULT_PLATFORM = ("linux", "amd64")
 # RFC 6838 restricted names: what may be stored and later written into a response head as
 # Content-Type. Anything else (a CR/LF in a manifest's `mediaType`) would inject headers.
+# Matched whole (fullmatch: `$` alone would let a final newline through).
 _MEDIA_TYPE = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
 )
 
 
 def is_media_type(value: object) -> bool:
-    return isinstance(value, str) and _MEDIA_TYPE.match(value) is not None
+    return isinstance(value, str) and _MEDIA_TYPE.fullmatch(value) is not None
 
 
 @functools.lru_cache(maxsize=1024)

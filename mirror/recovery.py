@@ -164,7 +164,7 @@ def orphaned_downloads(
     """
     doomed = []
     for name, mtime in temps.items():
-        match = _TEMP_NAME.match(name)
+        match = _TEMP_NAME.fullmatch(name)
         if match is None or mtime > died_at:
             continue
         key = match["key"]
@@ -190,7 +190,7 @@ def sweep_after_worker_crash(tmp: Path, died_at: float) -> Swept:
         claimed[claim.stem] = temp if isinstance(temp, str) else None
     temps: dict[str, tuple[float, int]] = {}
     for entry in os.scandir(tmp):
-        if _TEMP_NAME.match(entry.name):
+        if _TEMP_NAME.fullmatch(entry.name):
             try:
                 stat = entry.stat()
             except FileNotFoundError:

@@ -22,6 +22,7 @@ _DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 DOMAIN_RE = re.compile(rf"^{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*(?::[0-9]+)?$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 # Only algorithms we can verify are accepted: an unverifiable digest would let a wrong byte through.
+# Every pattern here is applied with fullmatch: `$` would also match before a final newline.
 _DIGEST_HEX = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"^(sha256|sha512):([a-f0-9]+)$")
 MAX_NAME_LENGTH = 255
@@ -50,20 +51,20 @@ class Route:
 
 def validate_digest(value: str) -> str:
     """Return the digest unchanged if it is one we can verify, else raise DIGEST_INVALID."""
-    match = _DIGEST_RE.match(value)
+    match = _DIGEST_RE.fullmatch(value)
     if not match or len(match.group(2)) != _DIGEST_HEX[match.group(1)]:
         raise RegistryError.digest_invalid(value)
     return value
 
 
 def validate_name(name: str) -> str:
-    if len(name) > MAX_NAME_LENGTH or not NAME_RE.match(name):
+    if len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
         raise RegistryError.name_invalid(name)
     return name
 
 
 def validate_tag(tag: str) -> str:
-    if not TAG_RE.match(tag):
+    if not TAG_RE.fullmatch(tag):
         raise RegistryError.tag_invalid(tag)
     return tag
 
@@ -125,7 +126,7 @@ def parse_v2_path(path: str, ns: str | None, registries: frozenset[str]) -> Rout
     if ns:
         registry = ns
     elif rest and looks_like_registry_host(first):
-        if not DOMAIN_RE.match(first):
+        if not DOMAIN_RE.fullmatch(first):
             raise RegistryError.name_invalid(name)
         registry, name = first, rest
     if registry not in registries:
@@ -135,7 +136,7 @@ def parse_v2_path(path: str, ns: str | None, registries: frozenset[str]) -> Rout
     if endpoint is Endpoint.MANIFEST:
         if ":" in reference:
             validate_digest(reference)
-        elif not TAG_RE.match(reference):
+        elif not TAG_RE.fullmatch(reference):
             # No manifest can have this name, so the answer to a read is "not there" (the
             # spec's 404, what distribution answers); TAG_INVALID belongs to pushes.
             raise RegistryError.manifest_unknown(reference[:300], "no manifest has this name")

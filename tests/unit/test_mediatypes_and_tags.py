@@ -59,6 +59,9 @@ def test_only_a_type_subtype_token_is_ever_stored_as_media_type() -> None:
         "application/vnd.example.manifest.v1+json"
     )
     assert not is_media_type("application/")
+    assert not is_media_type(f"{OCI_MANIFEST}\n")  # a final newline would end a head early
+    trailing = json.dumps({"mediaType": f"{DOCKER_MANIFEST}\n"}).encode()
+    assert content_type_of(trailing, "application/json") == OCI_MANIFEST
     assert not is_media_type("a b/c")
 
 

@@ -49,6 +49,10 @@ def test_routes(path: str, ns: str | None, expected: tuple[str, str, Endpoint, s
         ("a/manifests/.INVALID", None, "MANIFEST_UNKNOWN"),
         ("a/manifests/" + "t" * 129, None, "MANIFEST_UNKNOWN"),
         ("a/manifests/sha256:" + "a" * 63, None, "DIGEST_INVALID"),
+        # A final newline is not part of a name, tag or digest (`$` alone would match it).
+        ("a/manifests/v1\n", None, "MANIFEST_UNKNOWN"),
+        ("a/blobs/sha256:" + "a" * 64 + "\n", None, "DIGEST_INVALID"),
+        ("alpine\n/manifests/v1", None, "NAME_INVALID"),
         ("a/blobs/sha256:" + "a" * 63, None, "DIGEST_INVALID"),
         ("a/blobs/sha512:" + "a" * 64, None, "DIGEST_INVALID"),
         ("a/blobs/latest", None, "DIGEST_INVALID"),
