@@ -10,6 +10,7 @@ leave its buffer before the file bytes follow them on the socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import BinaryIO, cast
@@ -132,7 +133,8 @@ async def _send(
         count -= len(chunk)
 
 
-SENDFILE_SLICE = 4 * 1024 * 1024  # per call, so one fast client cannot hold the loop for long
+SENDFILE_SLICE = 1024 * 1024  # per call, so one fast client cannot hold the loop for long
+READAHEAD = 2 * SENDFILE_SLICE  # asked of the disk ahead of the slice being sent
 SLOW_CLIENT = 120.0  # seconds a client may go without accepting a byte before it is dropped
 WAKE = 1.0  # seconds between looks at whether the loop closed the connection meanwhile
 
@@ -174,7 +176,10 @@ async def _sendfile(
             await _writable(loop, out, transport)
             await asyncio.sleep(0)  # the transport flushes on the same wake-up
         src = f.fileno()
+        advised = offset  # the page cache is being filled up to here
         while count > 0:
+            if offset + SENDFILE_SLICE > advised:
+                advised = _read_ahead(src, offset, count)
             try:
                 sent = os.sendfile(out, src, offset, min(count, SENDFILE_SLICE))
             except BlockingIOError:
@@ -191,6 +196,17 @@ async def _sendfile(
                 raise ConnectionResetError("client went away")
     finally:
         os.close(out)
+
+
+def _read_ahead(src: int, offset: int, count: int) -> int:
+    """Ask the kernel to read the next READAHEAD bytes into the page cache, asynchronously;
+    return where that ends. sendfile on the loop's thread then copies from memory: a blob not
+    in the page cache would otherwise stall every connection of the worker for each disk read
+    (the socket is non-blocking, the file is not)."""
+    end = offset + min(count, READAHEAD)
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(src, offset, end - offset, os.POSIX_FADV_WILLNEED)
+    return end
 
 
 async def _writable(
