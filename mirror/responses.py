@@ -26,7 +26,7 @@ from mirror.mediatypes import content_type_of, is_media_type
 from mirror.metrics import SAVED_BYTES, SERVED_BYTES
 
 BLOB_CONTENT_TYPE = "application/octet-stream"
-FALLBACK_CHUNK = 256 * 1024
+FALLBACK_CHUNK = 64 * 1024
 
 
 def _etag_matches(request: web.BaseRequest, digest: str) -> bool:
@@ -122,6 +122,11 @@ async def _send(
             return
         except NotImplementedError:
             pass  # TLS: the bytes must go through the transport
+    transport = request.transport
+    if transport is not None:
+        # uvloop's TLS transport buffers up to 512 KiB of a client that does not read before
+        # it pushes back, on top of the socket's; a stalled reader then holds over 1 MiB.
+        cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=FALLBACK_CHUNK)
     fd = f.fileno()
     while count > 0:
         chunk = os.pread(fd, min(FALLBACK_CHUNK, count), offset)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import statistics
 import struct
 import time
@@ -21,7 +22,13 @@ import aiohttp
 
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import big_image, small_image
-from tests.fixtures.procs import Service, downloads_settled, mirror_process
+from tests.fixtures.procs import (
+    Service,
+    downloads_settled,
+    make_tls_files,
+    memory_mib,
+    mirror_process,
+)
 from tests.integration.test_pull_path import ALL_TYPES
 
 MiB = 1 << 20
@@ -189,3 +196,46 @@ async def test_stalled_readers_do_not_slow_other_clients_hits(hub: FakeHub, tmp_
         f"{STALLED} stalled readers; a miss meanwhile {miss * 1000:.0f} ms"
     )
     assert p99(during) <= 2 * p99(before), (p99(before), p99(during))
+
+
+TLS_STALLED = 200
+
+
+async def test_stalled_readers_over_tls_hold_little_memory(hub: FakeHub, tmp_path: Path) -> None:
+    """Over TLS the body goes through the transport, not sendfile: a client that stops reading
+    must make it push back early instead of letting the TLS layer buffer half a megabyte."""
+    big = big_image("stalled-tls", 64 * MiB, seed=43)
+    hub.add("team/big", "v1", big)
+    path = f"/v2/team/big/blobs/{big.layers()[0].digest}"
+    files = await make_tls_files(tmp_path / "tls")
+    tls = ("--tls-cert", str(files.cert), "--tls-key", str(files.key))
+    async with mirror_process(
+        tmp_path / "data", hub.registry_url, "--workers", "2", *tls
+    ) as mirror:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as http,
+            http.get(mirror.url + path) as resp,
+        ):
+            assert resp.status == 200
+            await resp.read()
+        await downloads_settled(mirror)
+        before = memory_mib(mirror.proc.pid)
+        context = ssl.create_default_context(cafile=files.ca)
+        host, port = mirror.url.removeprefix("https://").split(":")
+        stalled = []
+        for _ in range(TLS_STALLED):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+            _, writer = await asyncio.open_connection(
+                sock=sock, ssl=context, server_hostname="127.0.0.1", limit=1 << 16
+            )
+            writer.write(_request(path))
+            stalled.append(writer)
+        await asyncio.sleep(2)
+        grown = memory_mib(mirror.proc.pid) - before
+        for writer in stalled:
+            writer.transport.abort()
+    print(f"{TLS_STALLED} stalled TLS readers: +{grown:.0f} MiB")
+    assert grown < TLS_STALLED * 0.75, f"+{grown:.0f} MiB for {TLS_STALLED} stalled TLS readers"
