@@ -16,6 +16,10 @@ from aiohttp import web
 
 
 class RegistryError(Exception):
+    # An upstream's verdict on the repository itself (its 401 after a fresh token: missing or
+    # private), as opposed to one about the mirror's credentials or the upstream's state.
+    about_repository = False
+
     def __init__(
         self,
         status: int,

@@ -41,8 +41,8 @@ class MissingCache:
     def remember(
         self, registry: str, repository: str, kind: str, reference: str, error: RegistryError
     ) -> None:
-        if self._ttl <= 0 or error.status not in (401, 404):
-            return
+        if self._ttl <= 0 or not (error.status == 404 or error.about_repository):
+            return  # a token service refusing the mirror's credentials is not about this name
         whole = error.code in ("NAME_UNKNOWN", "UNAUTHORIZED")
         scope = REPOSITORY if whole else f"{kind}:{reference}"
         self._cache[(registry, repository, scope)] = error

@@ -101,7 +101,9 @@ def status_error(
             return RegistryError.blob_unknown(reference)
         return RegistryError.manifest_unknown(reference)
     if status == 401:
-        return RegistryError.unauthorized("upstream refused access to this repository")
+        error = RegistryError.unauthorized("upstream refused access to this repository")
+        error.about_repository = True
+        return error
     if status == 403:
         return RegistryError.denied()
     if status == 429:

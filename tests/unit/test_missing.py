@@ -43,7 +43,9 @@ def test_name_unknown_covers_the_whole_repository() -> None:
 def test_an_upstream_401_covers_the_whole_repository() -> None:
     """Docker Hub's answer for a missing or private repository, even with a fresh token."""
     cache = MissingCache(ttl=30)
-    cache.remember("docker.io", "typo/name", "manifest", "v1", RegistryError.unauthorized())
+    refused = RegistryError.unauthorized()
+    refused.about_repository = True  # as the upstream client marks the registry's own 401
+    cache.remember("docker.io", "typo/name", "manifest", "v1", refused)
     with pytest.raises(RegistryError) as info:
         cache.check("docker.io", "typo/name", "manifest", "latest")
     assert info.value.status == 401
@@ -53,6 +55,7 @@ def test_an_upstream_401_covers_the_whole_repository() -> None:
 @pytest.mark.parametrize(
     "error",
     [
+        RegistryError.unauthorized("upstream token service refused the credentials"),
         RegistryError.denied(),
         RegistryError.too_many_requests("9"),
         RegistryError.unavailable(),
