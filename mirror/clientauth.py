@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bcrypt
@@ -20,6 +21,7 @@ from mirror.errors import RegistryError
 from mirror.visibility import CHALLENGE, basic_credentials
 
 REMEMBER = 300.0
+BCRYPT_THREADS = 2
 BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 
 
@@ -51,6 +53,9 @@ class ClientAuth:
         self._users = users
         self.anonymous_pull = anonymous_pull
         self._verified: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=REMEMBER)
+        # bcrypt gets threads of its own: a flood of distinct logins (anyone can send them)
+        # then queues here instead of in the default pool, where blob commits fsync.
+        self._bcrypt = ThreadPoolExecutor(max_workers=BCRYPT_THREADS, thread_name_prefix="bcrypt")
 
     @property
     def anonymous_allowed(self) -> bool:
@@ -78,7 +83,9 @@ class ClientAuth:
         key = hashlib.sha256(authorization.encode()).hexdigest()
         ok = self._verified.get(key)
         if ok is None:
-            ok = await asyncio.to_thread(self._verify, authorization)
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self._bcrypt, self._verify, authorization
+            )
             self._verified[key] = ok
         if not ok and not self.anonymous_pull:
             raise RegistryError(
