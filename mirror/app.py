@@ -56,7 +56,7 @@ from mirror.recovery import recover
 from mirror.referrers import ReferrerLists
 from mirror.shared import SharedState
 from mirror.store.blobs import BlobStore
-from mirror.store.index import Index
+from mirror.store.index import Index, SqliteIndex
 from mirror.tags import TagLists
 from mirror.traffic import TrafficRecorder
 from mirror.upstream.auth import TokenCache
@@ -151,7 +151,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         index, shared = await prepare_data(config)
     else:
         index, shared = (
-            await Index.open(config.data_dir / "index.db"),
+            await SqliteIndex.open(config.data_dir / "index.db"),
             SharedState(config.data_dir / "state"),
         )
     access = AccessTracker(index)

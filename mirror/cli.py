@@ -23,7 +23,7 @@ from mirror.config import Config, ConfigError, load_config
 from mirror.listeners import ListenError
 from mirror.logs import setup_logging
 from mirror.prefetch import human_bytes, prefetch
-from mirror.store.index import Index
+from mirror.store.index import SqliteIndex
 from mirror.workers import WORKER_FLAG, die_with_parent, run_worker, supervise
 
 DESCRIPTION = """\
@@ -246,7 +246,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 async def _listing(data: Path) -> list[dict[str, object]]:
-    index = await Index.open(data / "index.db")
+    index = await SqliteIndex.open(data / "index.db")
     try:
         images = await index.images()
         for image in images:

@@ -27,7 +27,7 @@ from mirror.errors import RegistryError
 from mirror.reference import validate_digest
 from mirror.shared import claim_notes, remove_if_unheld
 from mirror.store.blobs import BlobStore
-from mirror.store.index import Index
+from mirror.store.index import Index, SqliteIndex
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def scan(store: BlobStore) -> tuple[dict[str, int], list[Path]]:
 async def _open_index(path: Path) -> tuple[Index, bool]:
     """Open the index; if SQLite finds it damaged, move it aside and start a new one."""
     try:
-        index = await Index.open(path)
+        index = await SqliteIndex.open(path)
         if await index.integrity_ok():
             return index, False
         await index.close()
@@ -104,7 +104,7 @@ async def _open_index(path: Path) -> tuple[Index, bool]:
         if candidate.exists():
             candidate.rename(Path(f"{aside}{suffix}"))
     log.error("index %s is damaged: moved to %s, rebuilding from the files on disk", path, aside)
-    return await Index.open(path), True
+    return await SqliteIndex.open(path), True
 
 
 async def recover(store: BlobStore, index_path: Path) -> tuple[Index, RecoveryReport]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from mirror.config import ConfigError, WebhookConfig, load_config, parse_webhooks
-from mirror.store.index import Index, Traffic
+from mirror.store.index import SqliteIndex, Traffic
 from mirror.traffic import HOUR, TrafficRecorder, chart_buckets
 from mirror.web import render
 from mirror.web.chart import traffic_chart
@@ -130,7 +130,7 @@ def test_listing_escapes_what_it_shows() -> None:
 
 
 async def test_search_is_a_literal_substring_and_traffic_adds_up(tmp_path: Path) -> None:
-    index = await Index.open(tmp_path / "index.db")
+    index = await SqliteIndex.open(tmp_path / "index.db")
     try:
         for tag in ("v1", "v1_x", "v10%", "latest"):
             await index.set_tag("docker.io", "library/alpine", tag, "sha256:d", 1.0)

@@ -1,4 +1,5 @@
-"""The SQLite index (aiosqlite, WAL): schema, migrations and queries, nothing else.
+"""The SQLite index engine (aiosqlite, WAL): the embedded default; schema, migrations and
+queries, nothing else.
 
 Files on disk are the truth for *content*; the index records what is known *about* it: sizes,
 media types, which repository a manifest came from, and which digest a tag pointed at when it
@@ -10,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
+
+from mirror.store.index.base import ImageRow, TagRow, Traffic
 
 SCHEMA_VERSION = 2  # 2: blob_repositories
 
@@ -78,48 +80,10 @@ CREATE TABLE IF NOT EXISTS traffic (
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Traffic:
-    cache_bytes: int = 0
-    upstream_bytes: int = 0
-    hits: int = 0
-    misses: int = 0
-
-    def __add__(self, other: Traffic) -> Traffic:
-        return Traffic(
-            self.cache_bytes + other.cache_bytes,
-            self.upstream_bytes + other.upstream_bytes,
-            self.hits + other.hits,
-            self.misses + other.misses,
-        )
-
-    def __sub__(self, other: Traffic) -> Traffic:
-        return self + Traffic(-other.cache_bytes, -other.upstream_bytes, -other.hits, -other.misses)
-
-
-@dataclass(frozen=True, slots=True)
-class ImageRow:
-    """A cached tag as the web page lists it."""
-
-    registry: str
-    repository: str
-    tag: str
-    digest: str
-    media_type: str
-    last_access: float
-    pinned: bool
-
-
 def _like(text: str) -> str:
     """A LIKE pattern matching `text` anywhere, its own % and _ taken literally."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
-
-
-@dataclass(frozen=True, slots=True)
-class TagRow:
-    digest: str
-    confirmed: float  # wall-clock seconds when upstream last confirmed this mapping
 
 
 P = ParamSpec("P")
@@ -127,8 +91,8 @@ R = TypeVar("R")
 
 
 def _serialized(
-    method: Callable[Concatenate[Index, P], Awaitable[R]],
-) -> Callable[Concatenate[Index, P], Awaitable[R]]:
+    method: Callable[Concatenate[SqliteIndex, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[SqliteIndex, P], Coroutine[Any, Any, R]]:
     """One index operation at a time on the connection.
 
     aiosqlite runs statements one by one, but an operation awaits between them: without this,
@@ -138,20 +102,20 @@ def _serialized(
     """
 
     @functools.wraps(method)
-    async def serialized(self: Index, /, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def serialized(self: SqliteIndex, /, *args: P.args, **kwargs: P.kwargs) -> R:
         async with self._lock:
             return await method(self, *args, **kwargs)
 
     return serialized
 
 
-class Index:
+class SqliteIndex:
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._db = conn
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> Index:
+    async def open(cls, path: Path) -> SqliteIndex:
         # Several worker processes write: wait for a busy database rather than fail. Writes
         # begin IMMEDIATE: a deferred transaction that reads first and then writes gets
         # SQLITE_BUSY at once, without waiting, when another process committed in between.

@@ -1,0 +1,6 @@
+"""The index: one interface (base.py), an engine per file."""
+
+from mirror.store.index.base import ImageRow, Index, TagRow, Traffic
+from mirror.store.index.sqlite import SqliteIndex
+
+__all__ = ["ImageRow", "Index", "SqliteIndex", "TagRow", "Traffic"]
