@@ -19,7 +19,7 @@ def test_disk_full_mode_lasts_its_window_then_the_gauge_falls_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr("mirror.store.blobs.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("mirror.store.blobs.local.time.monotonic", lambda: now[0])
     store = BlobStore(tmp_path)
     assert not store.note_if_full(OSError(errno.EIO, "i/o error"))
     assert not store.full
