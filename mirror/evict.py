@@ -155,8 +155,7 @@ class Evictor:
         return total
 
     async def _delete(self, blobs: list[tuple[str, int]], reason: str) -> Evicted:
-        for digest, _ in blobs:
-            self._store.path(digest).unlink(missing_ok=True)
+        await self._store.remove([digest for digest, _ in blobs])
         await self._index.forget_blobs([d for d, _ in blobs])
         self._shared.content_removed()  # workers drop what their memory caches hold
         freed = sum(s for _, s in blobs)

@@ -48,6 +48,11 @@ def _fsync_and_close(fd: int) -> None:
         os.close(fd)
 
 
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -104,6 +109,12 @@ class BlobStore:
             return self.path(digest).read_bytes()
         except FileNotFoundError:
             return None
+
+    async def remove(self, digests: list[str]) -> None:
+        """Delete these blobs' files (eviction, purge). A reader holding one open keeps its
+        descriptor and completes; unlinks run off the loop, a pass may delete thousands."""
+        paths = [self.path(digest) for digest in digests]
+        await asyncio.to_thread(_unlink_all, paths)
 
     def writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self, digest)
