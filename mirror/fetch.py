@@ -44,6 +44,7 @@ from mirror.missing import MissingCache
 from mirror.shared import Claim
 from mirror.store.blobs import BlobStore, BlobWriter, DigestMismatch
 from mirror.store.index import Index
+from mirror.store.source import FileSlice, FileSource, Origin, Segment
 from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, upstream_error
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,6 @@ CDN_EXPIRED = {403, 404, 410}  # a signed CDN URL that expired: ask the registry
 FOLLOW_POLL = 0.005  # seconds between looks at another worker's download
 RELAY_WINDOW = 64 * 1024 * 1024  # bytes kept in memory for readers once the disk is full
 QUEUED_HEADERS = 2.0  # seconds a queued download's clients wait before headers come from a HEAD
-
-
-@dataclass(slots=True)
-class CachedBlob:
-    file: BinaryIO
-    size: int
 
 
 class InflightFetch:
@@ -184,6 +179,54 @@ class InflightFetch:
             raise RegistryError.unavailable("upstream blob failed verification") from self.error
 
 
+class FollowSource:
+    """A download in flight as a BlobSource (store/source.py): the growing file, its last byte
+    held back until verification, bytes past a full disk from the relay window in memory."""
+
+    def __init__(self, fetch: InflightFetch, origin: Origin) -> None:
+        self.digest = fetch.digest
+        self.origin = origin
+        self._fetch = fetch
+        self._file: BinaryIO | None = None
+
+    async def size(self) -> int | None:
+        fetch = self._fetch
+        await fetch.wait_started()
+        fetch.check()
+        # Opened before any further await: the file exists now (a failure unlinks it and sets
+        # the error in one step), and this descriptor survives the rename at commit.
+        self._file = fetch.open_file()
+        return fetch.size
+
+    async def location(self) -> None:
+        return None
+
+    async def segments(self, start: int, end: int | None) -> AsyncIterator[Segment]:
+        fetch, f = self._fetch, self._file
+        assert f is not None, "size() opens the file"
+        pos = start
+        while True:
+            fetch.check()
+            limit = fetch.readable_until(end)
+            if pos < limit:
+                if fetch.disk_end is not None and pos >= fetch.disk_end:
+                    data = fetch.read_tail(pos, limit - pos)  # the disk filled up: from memory
+                    yield data
+                    pos += len(data)
+                    continue
+                stop = limit if fetch.disk_end is None else min(limit, fetch.disk_end)
+                yield FileSlice(f, pos, stop - pos)
+                pos = stop
+                continue
+            if fetch.verified and pos >= (end if end is not None else fetch.received):
+                return
+            await fetch.wait_progress()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 @dataclass(frozen=True, slots=True)
 class Download:
     """One download this worker runs: what its readers follow, the temp file it fills, the
@@ -227,7 +270,7 @@ class BlobFetcher:
 
     def open_or_join(
         self, registry: str, repository: str, digest: str
-    ) -> CachedBlob | tuple[InflightFetch, bool]:
+    ) -> FileSource | tuple[InflightFetch, bool]:
         """A verified file to serve, or the fetch to follow (joined, or started now).
 
         No index round trip: a file under its final name was verified before the rename, so
@@ -243,7 +286,7 @@ class BlobFetcher:
         except FileNotFoundError:
             self._missing.check(registry, repository, "blob", digest)
             return self.join(registry, repository, digest)
-        return CachedBlob(f, os.fstat(f.fileno()).st_size)
+        return FileSource(digest, f)
 
     async def stream_uncached(
         self, registry: str, repository: str, digest: str

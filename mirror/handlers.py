@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from urllib.parse import urlencode
 
 from aiohttp import web
 
 from mirror.errors import RegistryError
-from mirror.fetch import CachedBlob
+from mirror.fetch import FollowSource
 from mirror.keys import (
     ACCESS,
     CACHE_RESULT,
@@ -29,9 +30,8 @@ from mirror.reference import Endpoint, Route, parse_v2_path, routed_name
 from mirror.referrers import referrers_index
 from mirror.responses import (
     manifest_response,
+    send_blob,
     send_blob_head,
-    send_cached_blob,
-    send_inflight_blob,
     send_uncached_blob,
 )
 from mirror.tags import paginate, parse_n, tags_page
@@ -113,12 +113,12 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
     membership = request.app[MEMBERSHIP]
     for attempt in range(2):
         found = fetcher.open_or_join(registry, repository, digest)
-        if isinstance(found, CachedBlob):
-            with found.file:
+        if not isinstance(found, tuple):
+            with contextlib.closing(found):
                 await membership.check(registry, repository, digest, grant)
                 request[CACHE_RESULT] = "hit"
                 request.app[ACCESS].touch(digest)
-                return await send_cached_blob(request, found.file, digest, found.size)
+                return await send_blob(request, found)
         fetch, joined = found
         if fetch.origin == (registry, repository):
             break
@@ -128,7 +128,8 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
         if attempt or not await fetch.refused():
             break
     request[CACHE_RESULT] = "coalesced" if joined else "miss"
-    return await send_inflight_blob(request, fetch, joined)
+    with contextlib.closing(FollowSource(fetch, "cache" if joined else "upstream")) as source:
+        return await send_blob(request, source)
 
 
 async def tags(request: web.Request, route: Route) -> web.Response:

@@ -1,4 +1,4 @@
-"""Registry responses: manifest bytes, and blob bodies from disk or from a growing file.
+"""Registry responses: manifest bytes, and blob bodies from any source (store/source.py).
 
 aiohttp's FileResponse is not used for blobs: it answers 416 to multi-range requests (podman
 accepts a full 200 there) and sets an mtime ETag, where a registry's ETag is the digest.
@@ -18,12 +18,12 @@ from typing import BinaryIO, cast
 from aiohttp import web
 
 from mirror.errors import RegistryError
-from mirror.fetch import InflightFetch
 from mirror.httprange import ByteRange, Unsatisfiable, parse_range
 from mirror.keys import STARTED
 from mirror.manifests import Manifest
 from mirror.mediatypes import content_type_of, is_media_type
 from mirror.metrics import SAVED_BYTES, SERVED_BYTES
+from mirror.store.source import BlobSource, FileSlice
 
 BLOB_CONTENT_TYPE = "application/octet-stream"
 FALLBACK_CHUNK = 64 * 1024
@@ -261,10 +261,21 @@ async def send_blob_head(request: web.Request, digest: str, size: int) -> web.St
     return resp
 
 
-async def send_cached_blob(
-    request: web.Request, f: BinaryIO, digest: str, size: int
-) -> web.StreamResponse:
-    """Serve a verified blob from an open file (opened by the caller, so eviction can't race it)."""
+async def send_blob(request: web.Request, source: BlobSource) -> web.StreamResponse:
+    """Serve a blob from any source (store/source.py), whole or ranged, or redirect to it.
+
+    Headers go out as soon as the source knows the size (for a download: as soon as the
+    upstream's did; containerd gives up after 30 s without them). If the source fails after
+    that, the exception makes aiohttp drop the connection: the client sees a short body, never
+    a clean end of wrong bytes. The ETag is the digest, so an If-None-Match naming it is
+    answered 304 whatever the source (content by digest never changes).
+    """
+    size = await source.size()
+    digest = source.digest
+    location = await source.location()
+    if location is not None:
+        headers = {"Location": location, "Docker-Content-Digest": digest}
+        return web.Response(status=307, headers=headers)
     rng = _plan(request, size)
     if _etag_matches(request, digest) and rng is None:
         return web.Response(
@@ -274,52 +285,14 @@ async def send_cached_blob(
     await begin_body(request, resp)
     if request.method != "HEAD":
         start, end = (rng.start, rng.end) if rng else (0, size)
-        if end > start:
-            await _send(request, resp, f, start, end - start, raw=True, source="cache")
-    await resp.write_eof()
-    return resp
-
-
-async def send_inflight_blob(
-    request: web.Request, fetch: InflightFetch, joined: bool
-) -> web.StreamResponse:
-    """Serve a blob while it downloads: follow the growing temp file, verified end last.
-
-    Headers go out as soon as the upstream's did (containerd gives up after 30 s without
-    them). If the fetch fails, the exception after `prepare` makes aiohttp drop the
-    connection: the client sees a short body, never a clean end of wrong bytes.
-    """
-    await fetch.wait_started()
-    fetch.check()
-    # Opened before any further await: the file exists now (a failure unlinks it and sets
-    # the error in one step), and this descriptor survives the rename at commit.
-    with fetch.open_file() as f:
-        size = fetch.size
-        rng = _plan(request, size)
-        resp = _blob_response(fetch.digest, size, rng)
-        await begin_body(request, resp)
-        if request.method == "HEAD":
-            await resp.write_eof()
-            return resp
-        start, end = (rng.start, rng.end) if rng else (0, size)
-        source = "cache" if joined else "upstream"
-        pos = start
-        while True:
-            fetch.check()
-            limit = fetch.readable_until(end)
-            if pos < limit:
-                if fetch.disk_end is not None and pos >= fetch.disk_end:
-                    data = fetch.read_tail(pos, limit - pos)  # the disk filled up: from memory
-                    await _write(resp, data)
-                    _count(source, len(data))
-                    pos += len(data)
-                    continue
-                stop = limit if fetch.disk_end is None else min(limit, fetch.disk_end)
-                await _send(request, resp, f, pos, stop - pos, size is not None, source)
-                pos = stop
-                continue
-            if fetch.verified and pos >= (end if end is not None else fetch.received):
-                break
-            await fetch.wait_progress()
+        async for segment in source.segments(start, end):
+            if isinstance(segment, FileSlice):
+                await _send(
+                    request, resp, segment.file, segment.offset, segment.count,
+                    size is not None, source.origin,
+                )  # fmt: skip
+            else:
+                await _write(resp, segment)
+                _count(source.origin, len(segment))
     await resp.write_eof()
     return resp
