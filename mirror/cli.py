@@ -108,6 +108,34 @@ def _parser() -> argparse.ArgumentParser:
         "--webhook", dest="webhooks", action="append",
         help="POST event notifications (JSON) to this URL (repeatable)",
     )  # fmt: skip
+    serve.add_argument(
+        "--storage", help='where blobs live: "local" (the data directory) or s3://bucket/prefix'
+    )
+    serve.add_argument("--s3-endpoint", dest="s3_endpoint", help="S3 API URL (default: AWS)")
+    serve.add_argument("--s3-region", dest="s3_region", help="S3 region")
+    serve.add_argument(
+        "--s3-path-style", dest="s3_path_style", action="store_const", const=True,
+        help="address the bucket in the path (MinIO, SeaweedFS, Ceph), not the host name",
+    )  # fmt: skip
+    serve.add_argument(
+        "--s3-credentials-file", dest="s3_credentials_file",
+        help="AWS credentials file with the keys (default: the standard AWS chain)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--s3-redirect", dest="s3_redirect", action="store_const", const=True,
+        help="answer warm blob GETs with a 307 to a presigned bucket URL",
+    )  # fmt: skip
+    serve.add_argument(
+        "--index", help='the index: "sqlite" (the data directory) or a postgresql:// URL'
+    )
+    serve.add_argument(
+        "--index-password-file", dest="index_password_file",
+        help="file holding the PostgreSQL password (or MIRROR_INDEX_PASSWORD)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--local-cache-size", dest="local_cache_size",
+        help="with s3 storage: bytes of blobs kept on local disk as a hot tier (10GiB)",
+    )  # fmt: skip
     serve.add_argument(WORKER_FLAG, dest="worker", help=argparse.SUPPRESS)  # set by the supervisor
     serve.add_argument("--config", help="TOML configuration file (same keys)")
     serve.add_argument(
@@ -128,7 +156,8 @@ _CONFIG_FLAGS = (
     "listen", "data", "upstream", "upstream_username", "upstream_password_file", "tag_ttl",
     "token_realms", "negative_ttl", "max_size", "max_age", "admin_listen", "tls_cert", "tls_key",
     "workers", "auth_htpasswd", "anonymous_pull", "max_upstream_fetches", "upstream_read_timeout",
-    "web_ui", "webhooks",
+    "web_ui", "webhooks", "storage", "s3_endpoint", "s3_region", "s3_path_style",
+    "s3_credentials_file", "s3_redirect", "index", "index_password_file", "local_cache_size",
 )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ No other module reads the environment; everything it needs is passed in from her
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 import tomllib
@@ -116,6 +117,23 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """`storage = "s3://bucket/prefix"` and its settings: blobs and manifests in a bucket.
+
+    Without keys here, the library's standard AWS chain finds credentials (AWS_ACCESS_KEY_ID
+    and friends, the shared credentials file, EKS web identity, instance roles)."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint: str | None = None  # e.g. http://minio:9000; None: AWS for the region
+    region: str | None = None
+    path_style: bool = False  # http://host/bucket/key rather than http://bucket.host/key
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)  # never printed
+    redirect: bool = False  # answer warm blob GETs with a 307 to a presigned URL
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str = "0.0.0.0"
     listen_port: int = 5000
@@ -139,6 +157,22 @@ class Config:
     # only on the admin listener, or nowhere.
     web_ui: str = "registry"
     webhooks: tuple[WebhookConfig, ...] = ()
+    s3: S3Config | None = None  # None: blobs as files under data_dir (store/blobs/local.py)
+    # None: SQLite in data_dir; else a postgresql:// URL (store/index/postgres.py). The URL may
+    # hold a password: never printed (see index_label).
+    index_url: str | None = field(default=None, repr=False)
+    index_password: str | None = field(default=None, repr=False)
+    local_cache_size: int = 10 * 1024**3  # with s3: the hot tier of blobs kept on local disk
+
+    @property
+    def index_label(self) -> str:
+        """The index as logs and pages may show it: engine, host and database, no secret."""
+        if self.index_url is None:
+            return f"sqlite:{self.data_dir / 'index.db'}"
+        parts = urlsplit(self.index_url)
+        host = parts.hostname or "localhost"
+        port = f":{parts.port}" if parts.port else ""
+        return f"postgresql://{host}{port}{parts.path}"
 
     @property
     def registry_names(self) -> frozenset[str]:
@@ -167,6 +201,15 @@ _SOURCES = {
     "upstream_read_timeout": ("MIRROR_UPSTREAM_READ_TIMEOUT", "upstream_read_timeout"),
     "web_ui": ("MIRROR_WEB_UI", "web_ui"),
     "webhooks": ("MIRROR_WEBHOOKS", "webhooks"),
+    "storage": ("MIRROR_STORAGE", "storage"),
+    "s3_endpoint": ("MIRROR_S3_ENDPOINT", "s3_endpoint"),
+    "s3_region": ("MIRROR_S3_REGION", "s3_region"),
+    "s3_path_style": ("MIRROR_S3_PATH_STYLE", "s3_path_style"),
+    "s3_credentials_file": ("MIRROR_S3_CREDENTIALS_FILE", "s3_credentials_file"),
+    "s3_redirect": ("MIRROR_S3_REDIRECT", "s3_redirect"),
+    "index": ("MIRROR_INDEX", "index"),
+    "index_password_file": ("MIRROR_INDEX_PASSWORD_FILE", "index_password_file"),
+    "local_cache_size": ("MIRROR_LOCAL_CACHE_SIZE", "local_cache_size"),
 }
 _DEFAULTS: dict[str, Any] = {
     "listen": DEFAULT_LISTEN,
@@ -189,6 +232,15 @@ _DEFAULTS: dict[str, Any] = {
     "upstream_read_timeout": 30.0,
     "web_ui": "registry",
     "webhooks": (),
+    "storage": "local",
+    "s3_endpoint": None,
+    "s3_region": None,
+    "s3_path_style": False,
+    "s3_credentials_file": None,
+    "s3_redirect": False,
+    "index": "sqlite",
+    "index_password_file": None,
+    "local_cache_size": "10GiB",
 }
 
 
@@ -316,6 +368,91 @@ def parse_webhooks(value: object) -> tuple[WebhookConfig, ...]:
     return tuple(hooks)
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool(value: object, setting: str) -> bool:
+    """A TOML boolean, or true/false (1/0, yes/no, on/off) from a flag or the environment."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{setting}: {value!r} must be true or false")
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _s3_credentials(path: str) -> tuple[str, str]:
+    """The keys of an AWS shared-credentials file (its `[default]` profile, or its only one):
+    the format `aws configure` writes and a Kubernetes Secret mounts as is."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as fh:
+            parser.read_file(fh)
+    except OSError as exc:
+        raise ConfigError(f"s3_credentials_file: cannot read {path}: {exc.strerror}") from exc
+    except configparser.Error:
+        raise ConfigError(f"s3_credentials_file: {path} is not an AWS credentials file") from None
+    sections = parser.sections()
+    section = "default" if "default" in sections else sections[0] if len(sections) == 1 else None
+    if section is None:
+        raise ConfigError(f"s3_credentials_file: {path} needs a [default] profile")
+    key = parser.get(section, "aws_access_key_id", fallback="").strip()
+    secret = parser.get(section, "aws_secret_access_key", fallback="").strip()
+    if not key or not secret:
+        raise ConfigError(
+            f"s3_credentials_file: {path} needs aws_access_key_id and aws_secret_access_key"
+        )
+    return key, secret
+
+
+def parse_storage(
+    storage: object,
+    endpoint: object,
+    region: object,
+    path_style: object,
+    credentials_file: object,
+    redirect: object,
+) -> S3Config | None:
+    """`local` (files under the data directory) or `s3://bucket/prefix` with its settings."""
+    value = str(storage).strip()
+    if value in ("", "local"):
+        return None
+    parts = urlsplit(value)
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f'storage: {value!r} must be "local" or s3://bucket/prefix')
+    if not _BUCKET.fullmatch(parts.netloc):
+        raise ConfigError(f"storage: {parts.netloc!r} is not an S3 bucket name")
+    prefix = parts.path.strip("/")
+    if endpoint is not None:
+        endpoint = parse_upstream_url(str(endpoint), "s3_endpoint")
+    access_key = secret_key = None
+    if credentials_file:
+        access_key, secret_key = _s3_credentials(str(credentials_file))
+    return S3Config(
+        bucket=parts.netloc,
+        prefix=f"{prefix}/" if prefix else "",
+        endpoint=endpoint,
+        region=str(region) if region else None,
+        path_style=parse_bool(path_style, "s3_path_style"),
+        access_key=access_key,
+        secret_key=secret_key,
+        redirect=parse_bool(redirect, "s3_redirect"),
+    )
+
+
+def parse_index(value: object) -> str | None:
+    """`sqlite` (a file in the data directory) or a `postgresql://` URL."""
+    text = str(value).strip()
+    if text in ("", "sqlite"):
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("postgresql", "postgres") or not (parts.hostname or parts.query):
+        raise ConfigError('index: must be "sqlite" or a postgresql://user@host/database URL')
+    return text
+
+
 def load_config(
     flags: Mapping[str, Any], env: Mapping[str, str], config_file: str | None = None
 ) -> Config:
@@ -373,13 +510,15 @@ def load_config(
     workers = pick("workers") or default_workers(len(os.sched_getaffinity(0)), cgroup_cpu_limit())
     if not str(workers).isdigit() or int(workers) < 1:
         raise ConfigError(f"workers: {workers!r} must be a whole number of processes, at least 1")
-    anonymous_pull = pick("anonymous_pull")
-    if isinstance(anonymous_pull, str):
-        if anonymous_pull.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"anonymous_pull: {anonymous_pull!r} must be true or false")
-        anonymous_pull = anonymous_pull.lower() in ("true", "1", "yes")
-    elif not isinstance(anonymous_pull, bool):
-        raise ConfigError("anonymous_pull: must be true or false")
+    anonymous_pull = parse_bool(pick("anonymous_pull"), "anonymous_pull")
+    index_password: str | None = None
+    if pick("index_password_file"):
+        index_password = _read_secret_file(str(pick("index_password_file")), "index_password_file")
+    elif env.get("MIRROR_INDEX_PASSWORD"):
+        index_password = env["MIRROR_INDEX_PASSWORD"]
+    local_cache_size = parse_size(pick("local_cache_size"), "local_cache_size")
+    if local_cache_size < 0:
+        raise ConfigError("local_cache_size: must not be negative")
     auth_htpasswd = pick("auth_htpasswd")
     read_timeout = parse_duration(pick("upstream_read_timeout"), "upstream_read_timeout")
     if read_timeout <= 0:
@@ -419,6 +558,17 @@ def load_config(
         upstream_read_timeout=read_timeout,
         web_ui=web_ui,
         webhooks=parse_webhooks(pick("webhooks")),
+        s3=parse_storage(
+            pick("storage"),
+            pick("s3_endpoint"),
+            pick("s3_region"),
+            pick("s3_path_style"),
+            pick("s3_credentials_file"),
+            pick("s3_redirect"),
+        ),
+        index_url=parse_index(pick("index")),
+        index_password=index_password,
+        local_cache_size=local_cache_size,
     )
     passthrough = [r.name for r in config.registries.values() if r.private == "passthrough"]
     if config.auth_htpasswd and passthrough:
