@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 
+from mirror.store.blobs.base import ContentStore
 from mirror.store.index import Index
 
 
 class AccessTracker:
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, content: ContentStore | None = None) -> None:
         self._index = index
+        self._content = content
         self._pending: dict[str, float] = {}
 
     def touch(self, digest: str) -> None:
@@ -25,3 +27,5 @@ class AccessTracker:
             return
         batch, self._pending = self._pending, {}
         await self._index.touch_many(batch)
+        if self._content is not None:
+            await self._content.touched(list(batch))

@@ -42,9 +42,10 @@ from mirror.metrics import (
 )
 from mirror.missing import MissingCache
 from mirror.shared import Claim
-from mirror.store.blobs import BlobStore, BlobWriter, DigestMismatch
+from mirror.store.blobs import BlobWriter, DigestMismatch
+from mirror.store.blobs.base import ContentStore
 from mirror.store.index import Index
-from mirror.store.source import FileSlice, FileSource, Origin, Segment
+from mirror.store.source import BlobSource, FileSlice, FileSource, Origin, Segment
 from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, upstream_error
 
 log = logging.getLogger(__name__)
@@ -247,14 +248,15 @@ class BlobFetcher:
 
     def __init__(
         self,
-        store: BlobStore,
+        content: ContentStore,
         index: Index,
         clients: Mapping[str, RegistryClient],
         missing: MissingCache,
         evictor: Evictor,
         max_fetches: int = 32,
     ) -> None:
-        self._store = store
+        self._content = content
+        self._store = content.files
         # Per registry, first come first served (asyncio.Semaphore wakes waiters in order):
         # a burst of cold pulls queues instead of opening hundreds of upstream transfers.
         self._slots = {name: asyncio.Semaphore(max_fetches) for name in clients}
@@ -268,14 +270,17 @@ class BlobFetcher:
     def __len__(self) -> int:
         return len(self._inflight)
 
-    def open_or_join(
+    async def open_or_join(
         self, registry: str, repository: str, digest: str
-    ) -> FileSource | tuple[InflightFetch, bool]:
-        """A verified file to serve, or the fetch to follow (joined, or started now).
+    ) -> BlobSource | tuple[InflightFetch, bool]:
+        """A stored blob to serve, or the fetch to follow (joined, or started now).
 
-        No index round trip: a file under its final name was verified before the rename, so
-        opening it is the lookup. All synchronous, so no fetch can finish or start in between;
-        the open descriptor keeps serving even if eviction unlinks the file meanwhile.
+        A hit on a local file costs no index round trip: a file under its final name was
+        verified before the rename, so opening it is the lookup, and the open descriptor keeps
+        serving even if eviction unlinks the file meanwhile. Without a local file, the index
+        says whether the content store holds it elsewhere (the bucket); an object without an
+        index row is never served. `join` re-checks the in-flight table synchronously, so a
+        download started during that await is joined, not doubled.
         """
         fetch = self._inflight.get(digest)
         if fetch is not None:
@@ -284,9 +289,16 @@ class BlobFetcher:
         try:
             f = open(self._store.path(digest), "rb")  # noqa: SIM115 - closed by the caller
         except FileNotFoundError:
-            self._missing.check(registry, repository, "blob", digest)
-            return self.join(registry, repository, digest)
-        return FileSource(digest, f)
+            pass
+        else:
+            return FileSource(digest, f)
+        self._missing.check(registry, repository, "blob", digest)
+        if digest not in self._inflight:
+            size = await self._index.get_blob(digest)
+            stored = None if size is None else await self._content.open(digest, size)
+            if stored is not None:
+                return stored
+        return self.join(registry, repository, digest)
 
     async def stream_uncached(
         self, registry: str, repository: str, digest: str
@@ -316,8 +328,11 @@ class BlobFetcher:
 
         return resp.content_length, chunks()
 
-    def has(self, digest: str) -> bool:
-        return digest in self._inflight or self._store.path(digest).exists()
+    async def has(self, digest: str) -> bool:
+        """Downloading, on local disk, or indexed as stored (the bucket)."""
+        if digest in self._inflight or self._store.path(digest).exists():
+            return True
+        return await self._index.get_blob(digest) is not None
 
     async def upstream_size(self, registry: str, repository: str, digest: str) -> int:
         """Answer a HEAD for a missing blob without downloading it (HEADs are free upstream)."""
@@ -350,7 +365,7 @@ class BlobFetcher:
             self._start(fetch, self._follow(fetch, claim))
             COALESCED.inc()
             return fetch, True
-        writer = self._store.writer(digest)
+        writer = self._content.writer(digest)
         claim.note(temp=writer.temp_path.name)
         fetch = InflightFetch(digest, writer.temp_path, final_path, (registry, repository))
         INFLIGHT_FETCHES.inc()
@@ -395,6 +410,8 @@ class BlobFetcher:
                     if notes.get("verified") and fetch.received == notes.get("size"):
                         fetch.verified_whole()
                 if claim.released() and not fetch.final_path.exists():
+                    if fetch.verified:
+                        return  # served whole, not stored: the readers finish from their files
                     error = claim.read().get("error")
                     if isinstance(error, dict):
                         raise RegistryError(
@@ -447,6 +464,16 @@ class BlobFetcher:
             await self._evictor.make_room(writer.received)
             try:
                 final_path = await writer.commit()
+            except Exception as exc:
+                # Verified and being served: only storing it failed (the bucket or the disk).
+                # The readers finish from their open descriptors; nothing was stored, nothing
+                # is indexed, and the next request for it downloads it again.
+                self._evictor.release(writer.received)
+                if not self._store.note_if_full(exc):
+                    log.warning("blob %s: served, but storing it failed: %s", fetch.digest, exc)
+                claim.note(error={"status": 503, "code": "UNAVAILABLE", "message": "not stored"})
+                writer.discard()
+                return
             except BaseException:
                 self._evictor.release(writer.received)
                 raise

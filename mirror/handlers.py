@@ -101,18 +101,18 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
     grant = await request.app[VISIBILITY].check(
         registry, repository, f"blobs/{digest}", _authorization(request)
     )
-    if request.method == "HEAD" and not fetcher.has(digest):
+    if request.method == "HEAD" and not await fetcher.has(digest):
         # A HEAD never starts a download: it is answered with an upstream HEAD, which is free.
         size = await fetcher.upstream_size(registry, repository, digest)
         request[CACHE_RESULT] = "miss"
         return await send_blob_head(request, digest, size)
-    if request.app[STORE].full and not fetcher.has(digest):
+    if request.app[STORE].full and not await fetcher.has(digest):
         request[CACHE_RESULT] = "miss"
         length, chunks = await fetcher.stream_uncached(registry, repository, digest)
         return await send_uncached_blob(request, digest, length, chunks)
     membership = request.app[MEMBERSHIP]
     for attempt in range(2):
-        found = fetcher.open_or_join(registry, repository, digest)
+        found = await fetcher.open_or_join(registry, repository, digest)
         if not isinstance(found, tuple):
             with contextlib.closing(found):
                 await membership.check(registry, repository, digest, grant)

@@ -15,6 +15,7 @@ from mirror.membership import BlobMembership
 from mirror.reference import Route
 from mirror.referrers import ReferrerLists
 from mirror.store.blobs import BlobStore
+from mirror.store.blobs.base import ContentStore
 from mirror.store.index import Index
 from mirror.tags import TagLists
 from mirror.traffic import TrafficRecorder
@@ -23,7 +24,8 @@ from mirror.visibility import Visibility
 from mirror.web.images import ImageViews
 
 CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", BlobStore)
+STORE = web.AppKey("store", BlobStore)  # the local files (also the bucket's hot tier)
+CONTENT = web.AppKey("content", ContentStore)  # where verified content lives for good
 INDEX = web.AppKey("index", Index)
 UPSTREAMS = web.AppKey("upstreams", dict[str, RegistryClient])
 FETCHER = web.AppKey("fetcher", BlobFetcher)

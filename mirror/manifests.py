@@ -39,7 +39,8 @@ from mirror.missing import MissingCache
 from mirror.reference import Route, validate_digest
 from mirror.shared import SharedState, keyed_lock
 from mirror.singleflight import SingleFlight
-from mirror.store.blobs import BlobStore, digest_of
+from mirror.store.blobs import digest_of
+from mirror.store.blobs.base import ContentStore
 from mirror.store.index import Index, TagRow
 from mirror.upstream.client import (
     TRANSIENT_ERRORS,
@@ -73,7 +74,7 @@ class ManifestResolver:
     def __init__(
         self,
         index: Index,
-        store: BlobStore,
+        content: ContentStore,
         clients: Mapping[str, RegistryClient],
         missing: MissingCache,
         evictor: Evictor,
@@ -89,7 +90,8 @@ class ManifestResolver:
         self._fresh: LRUCache[FlightKey, tuple[str, float]] = LRUCache(MEMORY_TAGS)
         self._evictor = evictor
         self._missing = missing
-        self._store = store
+        self._content = content
+        self._store = content.files
         self._clients = clients
         self._clock = clock
         self._tags: SingleFlight[FlightKey, tuple[Manifest, Result]] = SingleFlight()
@@ -179,7 +181,7 @@ class ManifestResolver:
         media_type = await self._index.get_manifest_type(registry, repository, digest)
         if media_type is None:
             return None
-        data = self._store.read(digest)
+        data = await self._content.read(digest)
         if data is None:
             return None
         manifest = Manifest(digest, media_type, data)
@@ -334,7 +336,7 @@ class ManifestResolver:
         if reserved:
             await self._evictor.make_room(reserved)
         try:
-            await self._store.put(digest, data)
+            await self._content.put(digest, data)
         except BaseException as exc:
             self._evictor.release(reserved)
             if self._store.note_if_full(exc):

@@ -57,6 +57,12 @@ def validate_digest(value: str) -> str:
     return value
 
 
+def is_digest(value: str) -> bool:
+    """`validate_digest` as a question: for names found on disk or in a bucket listing."""
+    match = _DIGEST_RE.fullmatch(value)
+    return match is not None and len(match.group(2)) == _DIGEST_HEX[match.group(1)]
+
+
 def validate_name(name: str) -> str:
     if len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
         raise RegistryError.name_invalid(name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from cachetools import LRUCache
 
 from mirror.mediatypes import INDEX_TYPES
-from mirror.store.blobs import BlobStore
+from mirror.store.blobs.base import ContentStore
 from mirror.store.index import ImageRow, Index
 
 SHARED_NAMES_SHOWN = 5
@@ -119,39 +119,39 @@ def manifest_parts(data: bytes) -> tuple[tuple[str, int, str] | None, list[tuple
 
 
 class ImageViews:
-    def __init__(self, index: Index, store: BlobStore) -> None:
+    def __init__(self, index: Index, content: ContentStore) -> None:
         self._index = index
-        self._store = store
+        self._content = content
         self._platforms: LRUCache[str, tuple[str, ...]] = LRUCache(50_000)
 
     async def listed(self, rows: list[ImageRow]) -> list[ListedImage]:
         return [
             ListedImage(
                 row,
-                self._platforms_of(row.digest, row.media_type),
+                await self._platforms_of(row.digest, row.media_type),
                 sum((await self._index.closure(row.digest)).values()),
             )
             for row in rows
         ]
 
-    def _platforms_of(self, digest: str, media_type: str) -> tuple[str, ...]:
+    async def _platforms_of(self, digest: str, media_type: str) -> tuple[str, ...]:
         known = self._platforms.get(digest)
         if known is not None:
             return known
-        data = self._store.read(digest)
+        data = await self._content.read(digest)
         if data is None:
             return ()  # evicted meanwhile; not remembered
         if media_type in INDEX_TYPES:
             labels = [label for label, _, _ in index_entries(data) if label != "attestation"]
         else:
             config, _ = manifest_parts(data)
-            labels = [self._config_platform(config[0])] if config else []
+            labels = [await self._config_platform(config[0])] if config else []
         found = tuple(dict.fromkeys(label for label in labels if label))
         self._platforms[digest] = found
         return found
 
-    def _config_platform(self, digest: str) -> str:
-        return platform_label(_document(self._store.read(digest)))
+    async def _config_platform(self, digest: str) -> str:
+        return platform_label(_document(await self._content.read(digest)))
 
     async def detail(
         self, registry: str, repository: str, digest: str, visible: Visible = _everything
@@ -162,7 +162,7 @@ class ImageViews:
         if await self._index.get_manifest_type(registry, repository, digest) is None:
             return None
         blob = await self._index.blob_row(digest)
-        data = self._store.read(digest)
+        data = await self._content.read(digest)
         if blob is None or data is None:
             return None
         size, media_type, last_access = blob
@@ -176,7 +176,9 @@ class ImageViews:
         else:
             images = [await self._platform_image("", digest, size, own, visible, data)]
         if images and not images[0].platform and images[0].config is not None:
-            images[0] = replace(images[0], platform=self._config_platform(images[0].config.digest))
+            images[0] = replace(
+                images[0], platform=await self._config_platform(images[0].config.digest)
+            )
         tags = await self._index.tags_of(registry, repository, digest)
         return ImageDetail(
             registry, repository, digest, media_type, sum(closure.values()), last_access,
@@ -187,7 +189,7 @@ class ImageViews:
         self, label: str, digest: str, size: int, own: set[str], visible: Visible,
         data: bytes | None = None,
     ) -> PlatformImage:  # fmt: skip
-        data = data if data is not None else self._store.read(digest)
+        data = data if data is not None else await self._content.read(digest)
         if data is None:
             return PlatformImage(label, digest, size, cached=False)
         config, layers = manifest_parts(data)

@@ -9,16 +9,18 @@ written; whatever is in `tmp/` at start-up is a crash's leftover and is removed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import secrets
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from mirror.metrics import DISK_FULL
-from mirror.reference import validate_digest
+from mirror.reference import is_digest, validate_digest
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,23 @@ class BlobStore:
             leftover.unlink(missing_ok=True)
             removed += leftover.suffix not in (".claim", ".lock")  # only downloads count
         return removed
+
+    def scan(self) -> dict[str, tuple[int, float]]:
+        """Every file under a valid digest name: (size, mtime). Names that are no digest are
+        skipped (recovery removes them)."""
+        found: dict[str, tuple[int, float]] = {}
+        if not self.blobs.exists():
+            return found
+        for algorithm_dir in self.blobs.iterdir():
+            for prefix_dir in algorithm_dir.iterdir() if algorithm_dir.is_dir() else ():
+                for entry in os.scandir(prefix_dir):
+                    digest = f"{algorithm_dir.name}:{entry.name}"
+                    if entry.name[:2] != prefix_dir.name or not is_digest(digest):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        stat = entry.stat()
+                        found[digest] = (stat.st_size, stat.st_mtime)
+        return found
 
     def path(self, digest: str) -> Path:
         """The final path of a digest; validation keeps every path inside `<data>/blobs`."""
@@ -207,3 +226,40 @@ class BlobWriter:
             os.close(self._fd)
             self._fd = None
         self.temp_path.unlink(missing_ok=True)
+
+
+class LocalContent:
+    """The local engine of the content seam (base.py): the files are the store."""
+
+    name = "local"
+
+    def __init__(self, files: BlobStore) -> None:
+        self.files = files
+
+    async def ping(self) -> bool:
+        return os.access(self.files.tmp, os.W_OK)
+
+    def writer(self, digest: str) -> BlobWriter:
+        return self.files.writer(digest)
+
+    async def read(self, digest: str) -> bytes | None:
+        return self.files.read(digest)
+
+    async def put(self, digest: str, data: bytes) -> None:
+        await self.files.put(digest, data)
+
+    async def open(self, digest: str, size: int) -> None:
+        return None  # the file was looked for first: nothing is stored anywhere else
+
+    async def remove(self, digests: list[str]) -> None:
+        await self.files.remove(digests)
+
+    async def touched(self, digests: list[str]) -> None:
+        return None  # the index's access times are the only LRU order
+
+    async def listing(self) -> AsyncIterator[tuple[str, int, float]]:
+        for digest, (size, mtime) in (await asyncio.to_thread(self.files.scan)).items():
+            yield digest, size, mtime
+
+    async def close(self) -> None:
+        return None
