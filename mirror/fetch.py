@@ -44,6 +44,7 @@ from mirror.missing import MissingCache
 from mirror.shared import Claim
 from mirror.store.blobs import BlobWriter, DigestMismatch
 from mirror.store.blobs.base import ContentStore
+from mirror.store.health import BackendHealth
 from mirror.store.index import Index
 from mirror.store.source import BlobSource, FileSlice, FileSource, Origin, Segment
 from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, upstream_error
@@ -254,7 +255,9 @@ class BlobFetcher:
         missing: MissingCache,
         evictor: Evictor,
         max_fetches: int = 32,
+        health: BackendHealth | None = None,
     ) -> None:
+        self._health = health
         self._content = content
         self._store = content.files
         # Per registry, first come first served (asyncio.Semaphore wakes waiters in order):
@@ -298,6 +301,8 @@ class BlobFetcher:
             stored = None if size is None else await self._content.open(digest, size)
             if stored is not None:
                 return stored
+        if self._health is not None and digest not in self._inflight:
+            self._health.check()  # a backend is down: nothing could be stored (health.py)
         return self.join(registry, repository, digest)
 
     async def stream_uncached(

@@ -16,6 +16,7 @@ from mirror.reference import Route
 from mirror.referrers import ReferrerLists
 from mirror.store.blobs import BlobStore
 from mirror.store.blobs.base import ContentStore
+from mirror.store.health import BackendHealth
 from mirror.store.index import Index
 from mirror.tags import TagLists
 from mirror.traffic import TrafficRecorder
@@ -26,6 +27,7 @@ from mirror.web.images import ImageViews
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", BlobStore)  # the local files (also the bucket's hot tier)
 CONTENT = web.AppKey("content", ContentStore)  # where verified content lives for good
+HEALTH = web.AppKey("health", BackendHealth)  # are the bucket and the database answering
 INDEX = web.AppKey("index", Index)
 UPSTREAMS = web.AppKey("upstreams", dict[str, RegistryClient])
 FETCHER = web.AppKey("fetcher", BlobFetcher)

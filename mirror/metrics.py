@@ -137,6 +137,23 @@ WEBHOOK_FAILURES = Counter(
     "Webhook delivery attempts that failed (no answer, or not 2xx); each is retried",
     ["event"],
 )
+BACKEND_DURATION = Histogram(
+    "mirror_backend_duration_seconds",
+    "Time of one storage backend operation (s3, postgresql) by operation, errors included",
+    ["backend", "operation"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BACKEND_ERRORS = Counter(
+    "mirror_backend_errors_total",
+    "Storage backend operations that failed (unreachable, timed out, refused), by operation",
+    ["backend", "operation"],
+)
+BACKEND_UP = Gauge(
+    "mirror_backend_up",
+    "1 while a storage backend (s3, postgresql) answers, 0 while misses are refused for it",
+    ["backend"],
+    multiprocess_mode="livemin",
+)
 BUILD_INFO = Gauge(
     "mirror_build_info", "Always 1; the version as a label", ["version"], multiprocess_mode="max"
 )

@@ -1,8 +1,9 @@
 """Operational endpoints outside `/v2/`: `/healthz`, `/readyz`, `/metrics`.
 
 `/healthz` says the process answers, and names a degraded mode; `/readyz` says it should get
-traffic: the index answers, the data directory takes writes, and no shutdown has begun (so a
-load balancer drains it first).
+traffic: the index and the content store answer (the database and the bucket, when the cache
+lives there), the data directory takes writes, and no shutdown has begun (so a load balancer
+drains it first).
 
 A full disk is a degraded mode, not unreadiness: cache hits are still served and misses are
 relayed from upstream, verified, uncached. Failing readiness for it would make Kubernetes drop
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mirror.keys import CONFIG, INDEX, STORE
+from mirror.keys import CONFIG, HEALTH, STORE
 from mirror.metrics import registry
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -54,10 +55,7 @@ async def readyz(request: web.Request) -> web.Response:
     tmp = app[CONFIG].data_dir / "tmp"
     if not os.access(tmp, os.W_OK):
         problems.append(f"data directory not writable: {tmp}")
-    try:
-        await app[INDEX].ping()
-    except Exception as exc:
-        problems.append(f"index unavailable: {type(exc).__name__}")
+    problems += [f"{name} unavailable" for name in await app[HEALTH].probe_all()]
     if problems:
         return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n")
     return web.Response(text="ready\n")
