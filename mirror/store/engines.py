@@ -30,7 +30,7 @@ async def open_content(config: Config, files: BlobStore) -> ContentStore:
             path_style=s3.path_style,
             access_key=s3.access_key,
             secret_key=s3.secret_key,
-        )  # fmt: skip
+        )
     )
     return BucketContent(files, objects, config.local_cache_size, s3.redirect)
 
