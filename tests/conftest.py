@@ -14,9 +14,34 @@ from mirror.admin import create_admin_app
 from mirror.app import create_app
 from mirror.config import Config, RegistryConfig
 from mirror.reference import DOCKER_HUB
+from tests.fixtures.backends import BACKENDS, Backend, backend, pg_server
 from tests.fixtures.fakehub import FakeHub
+from tests.fixtures.seaweed import seaweed, seaweed_dir
+
+__all__ = ["backend", "pg_server", "seaweed", "seaweed_dir"]  # fixtures, for every test module
 
 StartMirror = Callable[..., Awaitable[TestServer]]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends(*names): run this module's backend tests on each (local, s3)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`backend` (and so `start_mirror`) is parametrised by the `backends` mark: the module's
+    tests run once per backend it names; unmarked, on the default only."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    mark = metafunc.definition.get_closest_marker("backends")
+    names = tuple(mark.args) if mark is not None else ("local",)
+    unknown = set(names) - set(BACKENDS)
+    if unknown:
+        raise pytest.UsageError(f"unknown backend(s): {sorted(unknown)}")
+    metafunc.parametrize("backend", names, indirect=True, ids=[f"on-{n}" for n in names])
+
+
 StartAdmin = Callable[[TestServer], Awaitable[TestServer]]
 
 
@@ -59,10 +84,11 @@ def mirror_config(
 
 
 @pytest.fixture
-def start_mirror(aiohttp_server: AiohttpServer, tmp_path: Path) -> StartMirror:
-    """Start a mirror in this test's event loop; stopped with the test."""
+def start_mirror(backend: Backend, aiohttp_server: AiohttpServer, tmp_path: Path) -> StartMirror:
+    """Start a mirror in this test's event loop, on the test's backend; stopped with the test."""
 
     async def start(upstream: str, *, data: Path | None = None, **kw: object) -> TestServer:
+        kw = {**backend.config, **kw}
         config = mirror_config(data or tmp_path / "mirror-data", upstream, **kw)  # type: ignore[arg-type]
         return await aiohttp_server(await create_app(config), host="127.0.0.1")
 

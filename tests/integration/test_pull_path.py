@@ -30,6 +30,8 @@ from tests.fixtures.images import (
 ALL_TYPES = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 MiB = 1024 * 1024
 
+pytestmark = pytest.mark.backends("local", "s3")
+
 
 async def get(
     http: aiohttp.ClientSession, url: str, **headers: str

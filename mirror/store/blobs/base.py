@@ -14,12 +14,18 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from mirror.store.blobs.local import BlobStore, BlobWriter
+from mirror.store.index.base import Index
 from mirror.store.source import BlobSource
 
 
 class ContentStore(Protocol):
     files: BlobStore  # local files: the whole store (local), staging and hot tier (bucket)
     name: str  # the engine, for logs, metrics and /readyz: "local", "s3"
+
+    def start(self, index: Index, primary: bool) -> None:
+        """Begin the engine's own maintenance, if it has any (the bucket's sweep, by the
+        primary process only)."""
+        ...
 
     async def ping(self) -> bool:
         """Reachable and writable now; False (never raises) when not."""
@@ -53,6 +59,11 @@ class ContentStore(Protocol):
 
     def listing(self) -> AsyncIterator[tuple[str, int, float]]:
         """Every stored blob: (digest, size, modification time); for recovery and sweeps."""
+        ...
+
+    async def abort_stale_uploads(self, older_than: float) -> int:
+        """Abort uploads begun more than `older_than` seconds ago and never finished (a
+        crashed replica's); how many. Engines that stage in local temp files only: 0."""
         ...
 
     async def close(self) -> None: ...
