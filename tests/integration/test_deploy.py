@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -19,9 +20,11 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
+import mirror.metrics  # noqa: F401  (defines every metric in REGISTRY)
 from mirror.cli import _parser, config_from_args
-from mirror.config import WebhookConfig, load_config
+from mirror.config import S3Config, WebhookConfig, load_config
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.procs import mirror_process, run
 
@@ -213,6 +216,139 @@ def test_values_schema_rejects_bad_values(values: dict[str, Any]) -> None:
         render(values)
 
 
+PG_URL = "postgresql://mirror@postgres.db:5432/mirror"
+ROLE_ARN = "arn:aws:iam::123456789012:role/mirror"
+
+# Several replicas on one cache: blobs in a bucket (keys from the team's Secret), the index in
+# PostgreSQL (its password from another Secret), a hot tier on each replica's volume.
+SHARED_STORAGE: dict[str, Any] = {
+    "replicaCount": 3,
+    "storage": {"s3": {"enabled": True, "bucket": "team-mirror", "prefix": "cache/",
+                       "endpoint": "http://seaweedfs.storage:8333", "region": "eu-west-1",
+                       "pathStyle": True, "redirect": True, "existingSecret": "mirror-s3",
+                       "accessKeyIdKey": "key-id", "secretAccessKeyKey": "key-secret"}},
+    "index": {"postgres": {"enabled": True, "url": PG_URL, "existingSecret": "mirror-pg",
+                           "passwordKey": "pg-password"}},
+    "localCacheSize": "20GiB",
+}  # fmt: skip
+
+# The same on EKS: no keys anywhere, the service account's IAM role (IRSA) instead.
+SHARED_STORAGE_IRSA: dict[str, Any] = {
+    **SHARED_STORAGE,
+    "storage": {"s3": {"enabled": True, "bucket": "team-mirror", "region": "eu-west-1"}},
+    "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": ROLE_ARN}},
+}
+
+
+@pytest.mark.parametrize(
+    "values", [SHARED_STORAGE, SHARED_STORAGE_IRSA], ids=["secret-keys", "irsa"]
+)
+def test_shared_storage_chart_lints_and_every_manifest_validates(values: dict[str, Any]) -> None:
+    report = helm_python.lint(CHART, values, strict=False)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+    objects, _ = render(values)
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    assert one(objects, "StatefulSet")["spec"]["replicas"] == 3
+    # The chart creates no Secret: both come from the user's own.
+    assert not [o for o in objects if o["kind"] == "Secret"]
+
+
+def test_shared_storage_config_is_one_the_mirror_accepts(tmp_path: Path) -> None:
+    objects, _ = render(SHARED_STORAGE)
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # The S3 keys reach the AWS client's chain from the environment, as references only.
+    assert container["env"] == [
+        {"name": "AWS_ACCESS_KEY_ID",
+         "valueFrom": {"secretKeyRef": {"name": "mirror-s3", "key": "key-id"}}},
+        {"name": "AWS_SECRET_ACCESS_KEY",
+         "valueFrom": {"secretKeyRef": {"name": "mirror-s3", "key": "key-secret"}}},
+    ]  # fmt: skip
+    # The database password is a file from the user's Secret, like the upstream passwords.
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "index-password"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "index-password"]
+    assert mount["readOnly"] is True
+    assert volume["secret"]["secretName"] == "mirror-pg"
+    assert volume["secret"]["items"] == [{"key": "pg-password", "path": "password"}]
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/var/lib/mirror", "/tmp"}  # staging and the hot tier on the volume
+
+    toml_text = one(objects, "ConfigMap", "hub-mirror")["data"]["mirror.toml"]
+    password_file = f"{mount['mountPath']}/password"
+    assert mirror_toml(objects)["index_password_file"] == password_file
+    (tmp_path / "password").write_text("pg-s3cret\n")
+    toml_text = toml_text.replace(password_file, str(tmp_path / "password"))
+    (tmp_path / "mirror.toml").write_text(toml_text)
+    config = load_config({}, {}, str(tmp_path / "mirror.toml"))
+    assert config.s3 == S3Config(
+        bucket="team-mirror", prefix="cache/", endpoint="http://seaweedfs.storage:8333",
+        region="eu-west-1", path_style=True, redirect=True,
+    )  # fmt: skip
+    assert config.index_url == PG_URL
+    assert config.index_password == "pg-s3cret"
+    assert config.local_cache_size == 20 * 1024**3
+    assert config.max_size == 45 * 1024**3  # the bucket's cap, the chart's default
+
+
+def test_shared_storage_without_keys_uses_the_service_accounts_role() -> None:
+    objects, _ = render(SHARED_STORAGE_IRSA)
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
+    # No keys in the pod: EKS's webhook adds the role and the web identity token to pods whose
+    # service account carries the annotation; the AWS chain picks them up.
+    assert "env" not in pod["containers"][0]
+    account = one(objects, "ServiceAccount")
+    assert account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": ROLE_ARN}
+    assert pod["serviceAccountName"] == account["metadata"]["name"] == "hub-mirror"
+    assert mirror_toml(objects)["storage"] == "s3://team-mirror/"
+    # A service account managed elsewhere (e.g. by eksctl) is used by name, not created.
+    elsewhere = {"create": False, "name": "mirror-irsa"}
+    objects, _ = render({**SHARED_STORAGE_IRSA, "serviceAccount": elsewhere})
+    assert not [o for o in objects if o["kind"] == "ServiceAccount"]
+    assert one(objects, "StatefulSet")["spec"]["template"]["spec"]["serviceAccountName"] == (
+        "mirror-irsa"
+    )
+
+
+def test_local_storage_writes_no_shared_storage_settings() -> None:
+    objects, _ = render({"storage": {"s3": {"bucket": "team-mirror"}}, "localCacheSize": "1GiB"})
+    config = mirror_toml(objects)
+    assert not {"storage", "index", "local_cache_size", "index_password_file"} & set(config)
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
+    assert "env" not in pod["containers"][0]
+    assert "index-password" not in {v["name"] for v in pod["volumes"]}
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"storage": {"s3": {"enabled": True}}}, "/storage/s3/bucket"),
+        ({"storage": {"s3": {"enabled": True, "bucket": "Team_Mirror"}}}, "/storage/s3/bucket"),
+        ({"storage": {"s3": {"enabled": True, "bucket": "team-mirror", "prefix": "a?b"}}},
+         "/storage/s3/prefix"),
+        ({"storage": {"s3": {"endpoint": "seaweedfs:8333"}}}, "/storage/s3/endpoint"),
+        ({"storage": {"s3": {"pathStyle": "yes"}}}, "/storage/s3/pathStyle"),
+        ({"storage": {"s3": {"accessKeyIdKey": ""}}}, "/storage/s3/accessKeyIdKey"),
+        ({"storage": {"s3": {"secretKey": "typo"}}}, "/storage/s3"),
+        ({"index": {"postgres": {"enabled": True}}}, "/index/postgres/url"),
+        ({"index": {"postgres": {"url": "mysql://db/mirror"}}}, "/index/postgres/url"),
+        ({"index": {"postgres": {"url": "postgresql://mirror:pw@db/mirror"}}},
+         "/index/postgres/url"),
+        ({"index": {"postgres": {"url": "postgresql://db/mirror?password=pw"}}},
+         "/index/postgres/url"),
+        ({"index": {"postgres": {"passwordKey": ""}}}, "/index/postgres/passwordKey"),
+        ({"index": {"sqlite": {}}}, "/index"),
+        ({"localCacheSize": "lots"}, "/localCacheSize"),
+    ],
+)  # fmt: skip
+def test_values_schema_rejects_bad_shared_storage_values(
+    values: dict[str, Any], where: str
+) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=f"at '{where}'"):
+        render(values)
+
+
 def test_dashboard_and_rules_come_from_the_top_level_grafana_files() -> None:
     """One source of truth: the chart's files/ must equal grafana/ (`helm/sync-files` copies)."""
     for name in ("mirror.json", "alerts.yml"):
@@ -231,6 +367,57 @@ def test_dashboard_and_rules_come_from_the_top_level_grafana_files() -> None:
     service = one(objects, "Service", "hub-mirror")
     assert monitor["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     assert monitor["selector"]["matchLabels"].items() <= service["spec"]["selector"].items()
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_readme_shared_storage_helm_command_deploys_the_readme_config() -> None:
+    """The section's `helm install` renders, validates, and configures what its TOML does."""
+    section = readme_section("When one machine is not enough")
+    command = re.search(r"```sh\n(helm install .*?)```", section, re.S)
+    assert command is not None
+    values = helm_python.parse_set_string(
+        ",".join(re.findall(r"--set (\S+)", command.group(1).replace("\\\n", " ")))
+    )
+    objects, _ = render(values)
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    assert one(objects, "StatefulSet")["spec"]["replicas"] == 3
+    toml_block = re.search(
+        r"<!-- tested: shared storage example -->\n```toml\n(.*?)```", section, re.S
+    )
+    assert toml_block is not None
+    readme = tomllib.loads(toml_block.group(1))
+    chart = mirror_toml(objects)
+    keys = ("storage", "s3_endpoint", "s3_region", "s3_path_style", "max_size", "index")
+    assert {k: chart[k] for k in keys} == {k: readme[k] for k in keys}
+    assert chart["local_cache_size"] == readme["local_cache_size"]
+
+
+SERIES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+
+
+def test_dashboard_and_rules_query_only_metrics_the_mirror_defines() -> None:
+    """A misspelt name is no error to Prometheus, only a panel or an alert that stays empty."""
+    defined = {
+        family.name + suffix
+        for family in REGISTRY.collect()
+        if family.name.startswith("mirror_")
+        for suffix in SERIES[family.type]
+    }
+    dashboard = json.loads((ROOT / "grafana" / "mirror.json").read_text())
+    rules = yaml.safe_load((ROOT / "grafana" / "alerts.yml").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + [
+        r["expr"] for g in rules["groups"] for r in g["rules"]
+    ]
+    used = {name for expr in exprs for name in re.findall(r"\bmirror_[a-z_]+", expr)}
+    assert used - defined == set()
+    backend = {"mirror_backend_duration_seconds_bucket", "mirror_backend_errors_total"}
+    assert backend | {"mirror_backend_up"} <= used
 
 
 def dockerfile() -> list[tuple[str, str]]:
