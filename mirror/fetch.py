@@ -57,6 +57,7 @@ RESUME_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0)
 CDN_EXPIRED = {403, 404, 410}  # a signed CDN URL that expired: ask the registry again
 FOLLOW_POLL = 0.005  # seconds between looks at another worker's download
 RELAY_WINDOW = 64 * 1024 * 1024  # bytes kept in memory for readers once the disk is full
+DRAIN = 30.0  # seconds a verified download may take to be stored once shutdown begins
 QUEUED_HEADERS = 2.0  # seconds a queued download's clients wait before headers come from a HEAD
 
 
@@ -268,13 +269,13 @@ class BlobFetcher:
         self._index = index
         self._clients = clients
         self._inflight: dict[str, InflightFetch] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], InflightFetch] = {}
 
     def __len__(self) -> int:
         return len(self._inflight)
 
     async def open_or_join(
-        self, registry: str, repository: str, digest: str
+        self, registry: str, repository: str, digest: str, redirectable: bool = False
     ) -> BlobSource | tuple[InflightFetch, bool]:
         """A stored blob to serve, or the fetch to follow (joined, or started now).
 
@@ -283,18 +284,21 @@ class BlobFetcher:
         serving even if eviction unlinks the file meanwhile. Without a local file, the index
         says whether the content store holds it elsewhere (the bucket); an object without an
         index row is never served. `join` re-checks the in-flight table synchronously, so a
-        download started during that await is joined, not doubled.
+        download started during that await is joined, not doubled. `redirectable`: a GET
+        the engine may answer with a redirect (`s3_redirect`): the bucket's copy is preferred
+        to a local one, so the replica does not carry the bytes.
         """
         fetch = self._inflight.get(digest)
         if fetch is not None:
             COALESCED.inc()
             return fetch, True
-        try:
-            f = open(self._store.path(digest), "rb")  # noqa: SIM115 - closed by the caller
-        except FileNotFoundError:
-            pass
-        else:
-            return FileSource(digest, f)
+        if not self._content.redirects or not redirectable:
+            try:
+                f = open(self._store.path(digest), "rb")  # noqa: SIM115 - closed by the caller
+            except FileNotFoundError:
+                pass
+            else:
+                return FileSource(digest, f)
         self._missing.check(registry, repository, "blob", digest)
         if digest not in self._inflight:
             size = await self._index.get_blob(digest)
@@ -382,8 +386,8 @@ class BlobFetcher:
     def _start(self, fetch: InflightFetch, work: Coroutine[Any, Any, None]) -> None:
         self._inflight[fetch.digest] = fetch
         task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = fetch
+        task.add_done_callback(self._forget_task)
 
     async def _follow(self, fetch: InflightFetch, claim: Claim) -> None:
         """Drive `fetch` from another worker's download: its temp file's size, then its rename."""
@@ -436,9 +440,21 @@ class BlobFetcher:
             self._inflight.pop(fetch.digest, None)
 
     async def close(self) -> None:
+        """Stop: downloads already verified are given DRAIN seconds to be stored (their
+        clients have every byte; cancelling would throw the transfer away), the others are
+        cancelled now."""
+        storing = [task for task, fetch in self._tasks.items() if fetch.verified]
+        for task, fetch in list(self._tasks.items()):
+            if not fetch.verified:
+                task.cancel()
+        if storing:
+            await asyncio.wait(storing, timeout=DRAIN)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     async def _run(self, download: Download) -> None:
         fetch, writer, claim, client = download.parts()

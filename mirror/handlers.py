@@ -112,7 +112,9 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
         return await send_uncached_blob(request, digest, length, chunks)
     membership = request.app[MEMBERSHIP]
     for attempt in range(2):
-        found = await fetcher.open_or_join(registry, repository, digest)
+        found = await fetcher.open_or_join(
+            registry, repository, digest, redirectable=request.method == "GET"
+        )
         if not isinstance(found, tuple):
             with contextlib.closing(found):
                 await membership.check(registry, repository, digest, grant)

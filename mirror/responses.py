@@ -272,7 +272,7 @@ async def send_blob(request: web.Request, source: BlobSource) -> web.StreamRespo
     """
     size = await source.size()
     digest = source.digest
-    location = await source.location()
+    location = await source.location() if request.method == "GET" else None
     if location is not None:
         headers = {"Location": location, "Docker-Content-Digest": digest}
         return web.Response(status=307, headers=headers)

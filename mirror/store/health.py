@@ -27,7 +27,11 @@ WATCH_EVERY = 1.0  # seconds between pings of a backend that is down
 
 class BackendUnavailable(Exception):
     """A storage engine (bucket, database) failed or did not answer; the message holds no
-    credential. Engines raise subclasses of it."""
+    credential. Engines raise subclasses of it, naming themselves in `backend`; a subclass
+    that is an answer rather than an outage (an object not found) sets `outage` False."""
+
+    backend = "storage"
+    outage = True
 
 
 Probe = Callable[[], Awaitable[bool]]

@@ -14,8 +14,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from mirror.store.index import Index, PostgresIndex, SqliteIndex, TagRow, Traffic
-from mirror.store.index.postgres import MIGRATIONS, PostgresIndexError, SchemaTooNewError
+from mirror.store.index import Index, SqliteIndex, TagRow, Traffic
+from mirror.store.index.postgres import (
+    MIGRATIONS,
+    PostgresIndex,
+    PostgresIndexError,
+    SchemaTooNewError,
+)
 from tests.fixtures.postgres import PostgresServer, postgres_server
 
 pytestmark = pytest.mark.integration

@@ -200,6 +200,7 @@ class BucketContent:
         self.objects = objects
         self.hot = HotTier(files, hot_cap)
         self._redirect = redirect
+        self.redirects = redirect
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: BucketSweeper | None = None
 

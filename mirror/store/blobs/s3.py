@@ -31,7 +31,9 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mirror.errors import RegistryError
+from mirror.metrics import BACKEND_DURATION, BACKEND_ERRORS
 from mirror.reference import validate_digest
+from mirror.store.health import BackendUnavailable
 
 if TYPE_CHECKING:
     from aiobotocore.response import StreamingBody
@@ -72,12 +74,17 @@ class S3Settings:
             raise ValueError(f"S3 part size must be at least {MIN_PART_SIZE} bytes")
 
 
-class ObjectStoreError(OSError):
-    """The object store failed or could not be reached; the message holds no credential."""
+class ObjectStoreError(BackendUnavailable, OSError):
+    """The object store failed or could not be reached; the message holds no credential. A
+    BackendUnavailable: a request it reaches is answered 503 (store/health.py)."""
+
+    backend = "s3"
 
 
 class ObjectMissing(ObjectStoreError):
-    """The object is not there (404)."""
+    """The object is not there (404): an answer, not an outage."""
+
+    outage = False
 
 
 def _code(error: ClientError) -> str:
@@ -94,15 +101,21 @@ def _errors(operation: str, key: str) -> Iterator[None]:
     """Translate what botocore and aiohttp raise into ObjectStoreError. botocore's messages
     carry the operation, error code, server message and endpoint, never keys or signatures,
     but ours is built from the parts anyway so that no future botocore message can leak one."""
+    label = operation.split(" ", 1)[0]  # "UploadPart 3" is operation UploadPart
+    started = time.perf_counter()
     try:
         yield
     except ClientError as error:
         if _is_missing(error):
             raise ObjectMissing(f"S3 {operation} {key}: not found") from None
+        BACKEND_ERRORS.labels("s3", label).inc()
         message = error.response.get("Error", {}).get("Message", "")
         raise ObjectStoreError(f"S3 {operation} {key}: {_code(error)} {message}") from None
     except (BotoCoreError, aiohttp.ClientError, TimeoutError) as error:
+        BACKEND_ERRORS.labels("s3", label).inc()
         raise ObjectStoreError(f"S3 {operation} {key}: {type(error).__name__}") from None
+    finally:
+        BACKEND_DURATION.labels("s3", label).observe(time.perf_counter() - started)
 
 
 def parse_key(key: str, prefix: str) -> str | None:

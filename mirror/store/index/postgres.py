@@ -26,6 +26,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import asyncpg
 
+from mirror.metrics import BACKEND_DURATION, BACKEND_ERRORS
+from mirror.store.health import BackendUnavailable
 from mirror.store.index.base import ImageRow, TagRow, Traffic
 
 log = logging.getLogger(__name__)
@@ -131,8 +133,11 @@ _DATABASE_ERRORS = (
 )
 
 
-class PostgresIndexError(Exception):
-    """The database failed or could not be reached; the text never holds a password."""
+class PostgresIndexError(BackendUnavailable):
+    """The database failed or could not be reached; the text never holds a password. A
+    BackendUnavailable: a request it reaches is answered 503 (store/health.py)."""
+
+    backend = "postgresql"
 
     def __init__(self, message: str, sqlstate: str | None = None) -> None:
         super().__init__(message)
@@ -184,12 +189,18 @@ def _guarded(
     """Database failures leave as PostgresIndexError, their text free of the password: a
     reconnecting pool raises what asyncpg's connect raised, and callers log what they catch."""
 
+    operation = method.__name__
+
     @functools.wraps(method)
     async def guarded(self: PostgresIndex, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
         try:
             return await method(self, *args, **kwargs)
         except _DATABASE_ERRORS as exc:
             error = _redacted(exc, self._secrets, self._timeout)
+            BACKEND_ERRORS.labels("postgresql", operation).inc()
+        finally:
+            BACKEND_DURATION.labels("postgresql", operation).observe(time.perf_counter() - started)
         raise error  # outside the handler: no __context__ to carry the original along
 
     return guarded
