@@ -87,6 +87,37 @@ async def test_a_blob_not_on_local_disk_is_streamed_from_the_bucket_ranges_too(
         assert body == layer.data[first : end + 1], spec
         assert headers["Content-Range"] == f"bytes {first}-{end}/{len(layer.data)}"
     assert hub.blob_gets() == [], "the bucket had it: upstream must not be asked"
+    # The whole read left a verified local copy: the hot tier serves it from now on.
+    copy = data / "blobs" / "sha256" / layer.digest[7:9] / layer.digest[7:]
+    assert copy.read_bytes() == layer.data
+
+
+async def test_an_object_altered_in_the_bucket_is_never_served_whole(
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    http: aiohttp.ClientSession,
+    backend: Backend,
+    tmp_path: Path,
+) -> None:
+    image = make_image([{"big.bin": random_bytes(3 * MiB, 8)}])
+    hub.add("team/altered", "v1", image)
+    data = tmp_path / "mirror-data"
+    server = await start_mirror(hub.registry_url, data=data)
+    base = mirror_url(server)
+    await pull(http, base, "team/altered", "v1")
+    await settled(server)
+    layer = image.layers()[0]
+    wipe_local_blobs(data)
+    forged = bytes(b ^ 0xFF for b in layer.data[:16]) + layer.data[16:]
+    assert backend.seaweed is not None and backend.bucket is not None
+    async with backend.seaweed.client() as s3:
+        key = f"cache/blobs/sha256/{layer.digest[7:9]}/{layer.digest[7:]}"
+        await s3.put_object(Bucket=backend.bucket, Key=key, Body=forged)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(f"{base}/v2/team/altered/blobs/{layer.digest}") as resp:
+            assert resp.status == 200
+            await resp.read()
+    assert not (data / "blobs" / "sha256" / layer.digest[7:9] / layer.digest[7:]).exists()
 
 
 async def test_redirect_mode_sends_clients_to_a_presigned_bucket_url(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
+from mirror.metrics import DIGEST_MISMATCHES
 from mirror.store.blobs.local import BlobStore, BlobWriter, DigestMismatch, digest_of
 from mirror.store.blobs.s3 import ObjectStore
 from mirror.store.index.base import Index
@@ -109,15 +111,21 @@ class UploadingWriter(BlobWriter):
 
 class ObjectSource:
     """A blob in the bucket as a BlobSource (store/source.py): a ranged GET streamed, or a
-    redirect to a presigned URL when `s3_redirect` is on."""
+    redirect to a presigned URL when `s3_redirect` is on.
+
+    A whole-blob read also fills the hot tier: the bytes streamed to the client are written
+    to a local temp file on the way, verified at the end, and kept under the blob's final
+    name, so the next request is a sendfile hit. Whatever goes wrong there (a full disk, a
+    digest mismatch, the client leaving) only drops the local copy, never the client."""
 
     origin: Origin = "cache"
 
-    def __init__(self, objects: ObjectStore, digest: str, size: int, redirect: bool) -> None:
+    def __init__(self, content: BucketContent, digest: str, size: int) -> None:
         self.digest = digest
-        self._objects = objects
+        self._content = content
+        self._objects = content.objects
         self._size = size
-        self._redirect = redirect
+        self._redirect = content.redirects
 
     async def size(self) -> int:
         return self._size
@@ -128,12 +136,47 @@ class ObjectSource:
         return await self._objects.presign(self.digest, PRESIGN_EXPIRES)
 
     async def segments(self, start: int, end: int | None) -> AsyncIterator[Segment]:
+        """A whole-blob read is verified as it streams, its last chunk held back until the
+        digest matched (as for a download): a bucket is storage others may write to. A
+        ranged read cannot be checked and is passed through."""
         stop = self._size if end is None else end
         stream = await self._objects.read(self.digest, start, stop)
+        whole = (start, stop) == (0, self._size)
+        copy = self._content.hot_copy(self.digest) if whole else None
+        hasher = hashlib.new(self.digest.split(":", 1)[0]) if whole and copy is None else None
+        held = b""
         try:
             async for chunk in stream:
-                yield chunk
+                if copy is not None:
+                    try:
+                        copy.write(chunk)
+                    except OSError:  # raised before this chunk was hashed
+                        hasher = copy.rehash()
+                        hasher.update(chunk)
+                        copy.discard()
+                        copy = None
+                elif hasher is not None:
+                    hasher.update(chunk)
+                if not whole:
+                    yield chunk
+                    continue
+                if held:
+                    yield held
+                held = chunk
+            if whole:
+                actual = copy.actual_digest() if copy is not None else _hexed(hasher)
+                if actual != self.digest:
+                    DIGEST_MISMATCHES.inc()
+                    log.error("object %s in the bucket is %s: not served", self.digest, actual)
+                    raise DigestMismatch(self.digest, actual)
+                if held:
+                    yield held
+            if copy is not None:
+                await self._content.keep_hot(copy)
+                copy = None
         finally:
+            if copy is not None:
+                copy.discard()
             await stream.aclose()
 
     def close(self) -> None:
@@ -253,7 +296,28 @@ class BucketContent:
             if stored is not None:
                 log.error("object %s: %d bytes in the bucket, %d indexed", digest, stored, size)
             return None
-        return ObjectSource(self.objects, digest, size, self._redirect)
+        return ObjectSource(self, digest, size)
+
+    def hot_copy(self, digest: str) -> BlobWriter | None:
+        """A temp file for a local copy of a blob read from the bucket, unless the hot tier
+        is off (size 0) or the disk is full."""
+        if self.hot.cap <= 0 or self.files.full:
+            return None
+        try:
+            return self.files.writer(digest)
+        except OSError:
+            return None
+
+    async def keep_hot(self, copy: BlobWriter) -> None:
+        """Verify and keep a local copy made by `hot_copy`; on any failure drop it."""
+        try:
+            await copy.commit()
+        except (OSError, DigestMismatch) as exc:
+            copy.discard()
+            if isinstance(exc, DigestMismatch):
+                log.error("object %s in the bucket does not match its digest", copy.digest)
+            return
+        self.hot.added(copy.received)
 
     async def remove(self, digests: list[str]) -> None:
         await self.objects.delete(digests)
@@ -277,6 +341,10 @@ class BucketContent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.hot.close()
         await self.objects.close()
+
+
+def _hexed(hasher: Any) -> str:
+    return f"{hasher.name}:{hasher.hexdigest()}"
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
