@@ -27,7 +27,7 @@ from tests.fixtures.procs import (
     skopeo_pull_and_verify,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends("local", "s3")]
 
 
 @pytest.fixture

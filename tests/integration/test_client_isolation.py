@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import big_image, small_image
@@ -34,6 +35,8 @@ from tests.integration.test_pull_path import ALL_TYPES
 MiB = 1 << 20
 ROUNDS = 10
 BYSTANDERS = 3
+
+pytestmark = pytest.mark.backends("local", "s3")
 
 
 def _address(mirror: Service) -> tuple[str, int]:

@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 
 from mirror.keys import FETCHER
@@ -16,6 +17,8 @@ from tests.fixtures.images import Image, make_image, random_bytes
 from tests.integration.test_pull_path import get, mirror_url, pull
 
 MiB = 1 << 20
+
+pytestmark = pytest.mark.backends("local", "s3")
 
 
 def blob_bytes(data: Path) -> int:

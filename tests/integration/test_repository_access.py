@@ -30,6 +30,8 @@ from tests.integration.test_pull_path import ALL_TYPES, mirror_url, pull
 ALICE = ("hubuser", "hubpass")  # the fake hub's account: alice's own Docker Hub login
 ALICE_AUTH = {"Authorization": "Basic " + base64.b64encode(b"hubuser:hubpass").decode()}
 
+pytestmark = pytest.mark.backends("local", "s3")
+
 
 async def test_a_private_layer_is_not_served_by_digest_under_a_public_name(
     hub: FakeHub, tmp_path: Path

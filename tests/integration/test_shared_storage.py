@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from mirror.keys import FETCHER
+from mirror.keys import EVICTOR, FETCHER
 from mirror.store.blobs.bucket import BucketContent
 from mirror.store.blobs.local import BlobStore
 from mirror.store.blobs.s3 import ObjectStore, S3Settings
@@ -301,6 +301,35 @@ async def test_an_outage_of_either_backend_costs_no_500_and_heals_without_restar
             stored = await objects.get(digest)
             assert stored is not None and len(stored) == size, digest
             assert hashlib.sha256(stored).hexdigest() == digest[7:], digest
+    finally:
+        await index.close()
+        await objects.close()
+
+
+async def test_eviction_under_max_size_deletes_from_the_bucket_and_the_index_alike(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, backend: Backend
+) -> None:
+    """`max_size` caps the bucket's bytes: evicted blobs leave the bucket, not just the disk,
+    and what stays indexed is exactly what the bucket holds."""
+    images = [make_image([{"big.bin": random_bytes(3 * MiB, 20 + n)}]) for n in range(5)]
+    for n, image in enumerate(images):
+        hub.add(f"team/evict{n}", "v1", image)
+    server = await start_mirror(hub.registry_url, max_size=8 * MiB)
+    base = mirror_url(server)
+    for n in range(len(images)):
+        await pull(http, base, f"team/evict{n}", "v1")
+        await settled(server)
+        await server.app[EVICTOR].settled()
+    objects = await ObjectStore.open(objects_of(backend))
+    index = await index_of(backend)
+    try:
+        indexed = await index.all_blobs()
+        in_bucket = {digest: size async for digest, size, _ in objects.listing()}
+        assert in_bucket == indexed
+        assert sum(indexed.values()) <= 8 * MiB
+        first = images[0].layers()[0].digest
+        assert first not in in_bucket, "the least recently used layer should have gone"
+        assert images[-1].layers()[0].digest in in_bucket
     finally:
         await index.close()
         await objects.close()

@@ -7,6 +7,7 @@ from html import unescape
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import StartAdmin, StartMirror
 from tests.fixtures.fakehub import FakeHub
@@ -15,6 +16,8 @@ from tests.integration.test_client_auth import basic, write_htpasswd
 from tests.integration.test_pull_path import mirror_url, pull
 
 CREDS = {"username": "hubuser", "password": "hubpass"}
+
+pytestmark = pytest.mark.backends("local", "s3")
 
 
 async def page(http: aiohttp.ClientSession, url: str, status: int = 200) -> str:

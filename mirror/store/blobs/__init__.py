@@ -1,5 +1,12 @@
-"""Blob and manifest content by digest: the local files engine (local.py)."""
+"""Blob and manifest content by digest: the seam (base.py), the local files engine (local.py),
+the bucket engine (bucket.py over s3.py)."""
 
-from mirror.store.blobs.local import BlobStore, BlobWriter, DigestMismatch, digest_of
+from mirror.store.blobs.local import (
+    BlobStore,
+    BlobWriter,
+    DigestMismatch,
+    LocalContent,
+    digest_of,
+)
 
-__all__ = ["BlobStore", "BlobWriter", "DigestMismatch", "digest_of"]
+__all__ = ["BlobStore", "BlobWriter", "DigestMismatch", "LocalContent", "digest_of"]
