@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from mirror.config import Config, ConfigError, load_config
 from mirror.listeners import ListenError
 from mirror.logs import setup_logging
 from mirror.prefetch import human_bytes, prefetch
-from mirror.store.index import SqliteIndex
+from mirror.store.engines import open_index
+from mirror.store.index import Index, SqliteIndex
 from mirror.workers import WORKER_FLAG, die_with_parent, run_worker, supervise
 
 DESCRIPTION = """\
@@ -227,6 +228,16 @@ def _add_operator_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
         "--data", default=os.environ.get("MIRROR_DATA", "./mirror-data"),
         help="the mirror's data directory (default ./mirror-data, env MIRROR_DATA)",
     )  # fmt: skip
+    ls.add_argument(
+        "--index", default=os.environ.get("MIRROR_INDEX"),
+        help="a postgresql:// index instead of the data directory's (env MIRROR_INDEX; "
+        "password from MIRROR_INDEX_PASSWORD or --index-password-file)",
+    )  # fmt: skip
+    ls.add_argument(
+        "--index-password-file", dest="index_password_file",
+        default=os.environ.get("MIRROR_INDEX_PASSWORD_FILE"),
+        help="file holding the PostgreSQL password",
+    )  # fmt: skip
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("stats", parents=[admin], help="disk use, counts, hits and bandwidth saved")
     for name, text in (("pin", "protect an image from eviction"), ("unpin", "undo pin")):
@@ -274,8 +285,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in results) else 0
 
 
-async def _listing(data: Path) -> list[dict[str, object]]:
-    index = await SqliteIndex.open(data / "index.db")
+async def _listing(opening: Awaitable[Index]) -> list[dict[str, object]]:
+    index = await opening
     try:
         images = await index.images()
         for image in images:
@@ -288,10 +299,23 @@ async def _listing(data: Path) -> list[dict[str, object]]:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     data = Path(args.data)
-    if not (data / "index.db").exists():
-        print(f"mirror ls: no cache at {data} (use --data)", file=sys.stderr)
+    if args.index:
+        try:
+            config = load_config(
+                {"data": args.data, "index": args.index,
+                 "index_password_file": args.index_password_file},
+                os.environ,
+            )  # fmt: skip
+        except ConfigError as exc:
+            print(f"mirror ls: {exc}", file=sys.stderr)
+            return 2
+        opening: Awaitable[Index] = open_index(config)
+    elif not (data / "index.db").exists():
+        print(f"mirror ls: no cache at {data} (use --data, or --index)", file=sys.stderr)
         return 2
-    images = asyncio.run(_listing(data))
+    else:
+        opening = SqliteIndex.open(data / "index.db")
+    images = asyncio.run(_listing(opening))
     if args.json:
         _print_json(images)
         return 0

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -29,7 +32,7 @@ from tests.conftest import StartMirror
 from tests.fixtures.backends import Backend
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import big_image, make_image, random_bytes, small_image
-from tests.fixtures.procs import mirror_process, skopeo_pull_and_verify
+from tests.fixtures.procs import mirror_process, run, skopeo_pull_and_verify
 from tests.integration.test_pull_path import get, mirror_url, pull
 
 pytestmark = [pytest.mark.integration, pytest.mark.backends("s3")]
@@ -172,6 +175,14 @@ async def test_a_restarted_replica_with_an_empty_disk_pulls_everything_from_the_
         for ref, image in images.items():
             await skopeo_pull_and_verify(f"{host}/{ref}", tmp_path / "warm" / ref, image)
     assert hub.requests() == [], "every byte came from the bucket and the database"
+    # `mirror ls` reads the shared index, wherever it runs.
+    assert backend.postgres is not None and backend.database is not None
+    listed = await run(
+        sys.executable, "-m", "mirror", "ls", "--json",
+        "--index", backend.postgres.dsn(backend.database),
+        env={**os.environ, **backend.env},
+    )  # fmt: skip
+    assert {f"{e['repository']}:{e['tag']}" for e in json.loads(listed)} == set(images)
 
 
 async def test_kill_9_mid_download_leaves_no_object_and_the_retry_works(
