@@ -44,7 +44,7 @@ from mirror.missing import MissingCache
 from mirror.shared import Claim
 from mirror.store.blobs import BlobWriter, DigestMismatch
 from mirror.store.blobs.base import ContentStore
-from mirror.store.health import BackendHealth
+from mirror.store.health import BackendHealth, BackendUnavailable
 from mirror.store.index import Index
 from mirror.store.source import BlobSource, FileSlice, FileSource, Origin, Segment
 from mirror.upstream.client import TRANSIENT_ERRORS, RegistryClient, upstream_error
@@ -453,6 +453,12 @@ class BlobFetcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def _backend_failed(self, error: BaseException) -> None:
+        """A download's store or index write failed for a backend outage: misses are refused
+        from now until the backend answers (health.py), not downloaded and thrown away."""
+        if isinstance(error, BackendUnavailable) and error.outage and self._health is not None:
+            self._health.failed(error.backend, error)
+
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
 
@@ -490,6 +496,7 @@ class BlobFetcher:
                 # The readers finish from their open descriptors; nothing was stored, nothing
                 # is indexed, and the next request for it downloads it again.
                 self._evictor.release(writer.received)
+                self._backend_failed(exc)
                 if not self._store.note_if_full(exc):
                     log.warning("blob %s: served, but storing it failed: %s", fetch.digest, exc)
                 claim.note(error={"status": 503, "code": "UNAVAILABLE", "message": "not stored"})
@@ -506,10 +513,15 @@ class BlobFetcher:
                 if not await self._index.add_blob(fetch.digest, fetch.received, media_type):
                     self._evictor.release(fetch.received)  # its bytes were counted already
                 await self._index.add_holder(client.registry.name, repository, fetch.digest)
-            except Exception:
+            except Exception as exc:
                 # The verified file is in place and being served; a missing row is what
-                # start-up reconciliation repairs. Readers must not be failed for it.
-                log.exception("blob %s: stored, but indexing it failed", fetch.digest)
+                # recovery repairs (local files) or the bucket sweep removes (an object).
+                # Readers must not be failed for it.
+                self._backend_failed(exc)
+                if isinstance(exc, BackendUnavailable):
+                    log.warning("blob %s: stored, but indexing it failed: %s", fetch.digest, exc)
+                else:
+                    log.exception("blob %s: stored, but indexing it failed", fetch.digest)
         except asyncio.CancelledError:
             writer.discard()
             fetch.failed(RegistryError.unavailable("mirror shutting down"))
