@@ -30,8 +30,10 @@ from mirror.keys import (
     CACHE_RESULT,
     CLIENT_AUTH,
     CONFIG,
+    CONTENT,
     EVICTOR,
     FETCHER,
+    HEALTH,
     INDEX,
     MEMBERSHIP,
     REFERRERS,
@@ -52,11 +54,13 @@ from mirror.membership import BlobMembership
 from mirror.metrics import BUILD_INFO, CACHE_MAX_BYTES, observers
 from mirror.missing import MissingCache
 from mirror.probes import add_probe_routes, add_readiness, healthz_for, metrics
-from mirror.recovery import recover
+from mirror.recovery import mark_pending, open_checked
 from mirror.referrers import ReferrerLists
 from mirror.shared import SharedState
 from mirror.store.blobs import BlobStore
-from mirror.store.index import Index, SqliteIndex
+from mirror.store.engines import open_content, open_index
+from mirror.store.health import BackendHealth, BackendUnavailable
+from mirror.store.index import Index
 from mirror.tags import TagLists
 from mirror.traffic import TrafficRecorder
 from mirror.upstream.auth import TokenCache
@@ -84,6 +88,14 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
         if _started(request):
             raise
         return exc.response()
+    except BackendUnavailable as exc:
+        backend = exc.backend
+        health = request.app[HEALTH]
+        if exc.outage:
+            health.failed(backend, exc)
+        if _started(request):
+            raise
+        return health.unavailable(backend).response()
     except web.HTTPException as exc:
         if exc.status == 405:
             return RegistryError.unsupported().response()
@@ -129,11 +141,22 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def prepare_data(config: Config) -> tuple[Index, SharedState]:
-    """Recover the store and index (once per start, before anything serves) and publish the
-    cache usage to the shared state every worker reads."""
+    """The start-up part of recovery (once per start, before anything serves: temp files,
+    a damaged index), and the cache usage published to the shared state every worker reads.
+    The rest of recovery, a look at every file, is marked due: the primary process runs it
+    in the background while the cache serves (recovery.py, evict.py)."""
     store = BlobStore(config.data_dir)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    index, _report = await recover(store, config.data_dir / "index.db")
+    if config.s3 is not None or config.index_url is not None:
+        # The index is shared and the truth; the local files are this machine's staging and
+        # hot tier: only their temp files (crashed downloads) go. The bucket is swept apart.
+        store.prepare()
+        index = await open_index(config)
+    else:
+        index, report = await open_checked(store, config.data_dir / "index.db")
+        mark_pending(config.data_dir)
+        if report.repaired:
+            log.warning("%s", report.describe())
     shared = SharedState(config.data_dir / "state")
     usage, _, _ = await index.usage()
     shared.set_usage(usage)
@@ -150,15 +173,18 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     if worker is None:
         index, shared = await prepare_data(config)
     else:
-        index, shared = (
-            await SqliteIndex.open(config.data_dir / "index.db"),
-            SharedState(config.data_dir / "state"),
-        )
-    access = AccessTracker(index)
+        index, shared = await open_index(config), SharedState(config.data_dir / "state")
+    try:
+        content = await open_content(config, store)
+    except BaseException:
+        await index.close()
+        raise
+    content.start(index, primary=worker in (None, 0))
+    access = AccessTracker(index, content)
     webhooks = Webhooks(config.webhooks)
     events = webhooks.emit
     evictor = Evictor(
-        index, store, access, config.max_size,
+        index, content, access, config.max_size,
         {name: reg.tag_ttl for name, reg in config.registries.items()}, config.max_age,
         shared=shared, primary=worker in (None, 0), events=events,
     )  # fmt: skip
@@ -183,8 +209,13 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         ),
     )  # fmt: skip
     missing = MissingCache(config.negative_ttl)
-    fetcher = BlobFetcher(store, index, clients, missing, evictor, config.max_upstream_fetches)
-    resolver = ManifestResolver(index, store, clients, missing, evictor, shared, events=events)
+    health = BackendHealth(
+        {content.name: content.ping, "postgresql" if config.index_url else "sqlite": index.ping}
+    )
+    fetcher = BlobFetcher(
+        content, index, clients, missing, evictor, config.max_upstream_fetches, health
+    )
+    resolver = ManifestResolver(index, content, clients, missing, evictor, shared, events=events)
     traffic = TrafficRecorder(index)
     tag_lists = TagLists(clients)
     referrers = ReferrerLists(clients, resolver)
@@ -204,7 +235,9 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app[ACCESS] = access
     app[VISIBILITY] = visibility
     app[TRAFFIC] = traffic
-    app[VIEWS] = ImageViews(index, store)
+    app[CONTENT] = content
+    app[HEALTH] = health
+    app[VIEWS] = ImageViews(index, content)
     app[CLIENT_AUTH] = ClientAuth(
         load_htpasswd(config.auth_htpasswd) if config.auth_htpasswd else None, config.anonymous_pull
     )
@@ -233,6 +266,8 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         for client in clients.values():
             await client.close()
         await session.close()
+        await health.close()
+        await content.close()
         await index.close()
         shared.close()
 

@@ -1,14 +1,26 @@
 """LRU eviction under a size cap, with watermarks, pins and fresh-tag protection.
 
 The cap is a promise about the disk: bytes under `blobs/` never exceed it by more than what is
-being downloaded right now. So every commit first asks `make_room` for its own size; when the
-total would pass the high watermark (95%), least recently used content is deleted until it is
-under the low watermark (90%). A pass deletes files first, then index rows: a crash in between
-leaves rows without files, which recovery drops cheaply. A client already reading an evicted
-file keeps its open descriptor and completes.
+being downloaded right now. Every commit first reserves its size (`make_room`); once the total
+passes the high watermark (95%), least recently used content is deleted until it is under the
+low watermark (90%). The pass runs in the background: a commit reserves and returns at once,
+so a download finishing during a pass of 100,000 deletions does not wait for it. Only a commit
+that would pass the cap itself (the 5% between watermark and cap used up by what landed since
+the pass began) waits, and only until the pass has freed room for it: its first parts, not the
+whole pass. A pass that cannot free anything (all pinned or fresh) ends, and such a commit
+lands over the cap, as before, with a warning.
 
-With several worker processes, usage lives in the shared state and the lock is a file lock,
-so reservations and passes from all workers add up against the one cap.
+A pass deletes files first, then index rows: a crash in between leaves rows without files,
+which recovery drops, and a row without a file is a miss meanwhile. A client already reading
+an evicted file keeps its open descriptor and completes.
+
+With several worker processes, usage lives in the shared state (reservations are atomic adds
+there) and one pass runs at a time across them (a file lock), so reservations and passes from
+all workers add up against the one cap. A reservation that finds a pass running, here or in
+another worker, leaves the work to it: the pass looks at usage again after releasing the lock.
+
+The primary process also owns the background recovery (recovery.py): it corrects the same
+usage account, and a pass may follow when the files it finds push the cache over the cap.
 """
 
 from __future__ import annotations
@@ -21,8 +33,9 @@ from dataclasses import dataclass
 
 from mirror.access import AccessTracker
 from mirror.metrics import CACHE_BLOBS, CACHE_BYTES, CACHE_MANIFESTS, EVICTED_BYTES, EVICTIONS
-from mirror.shared import FileLock, SharedState
-from mirror.store.blobs import BlobStore
+from mirror.recovery import ReconcileTask, RecoveryReport, pending
+from mirror.shared import POLL, FileLock, SharedState
+from mirror.store.blobs.base import ContentStore
 from mirror.store.index import Index
 from mirror.webhooks import EventSink, ignore_event
 
@@ -30,7 +43,8 @@ log = logging.getLogger(__name__)
 
 HIGH_WATERMARK = 0.95
 LOW_WATERMARK = 0.90
-BATCH = 500
+BATCH = 5000  # candidates per query
+PART = 500  # blobs per index transaction: another worker's commit waits for one at most
 PERIODIC = 10.0  # seconds between flushes of access times, count refreshes and max_age passes
 
 
@@ -44,7 +58,7 @@ class Evictor:
     def __init__(
         self,
         index: Index,
-        store: BlobStore,
+        content: ContentStore,
         access: AccessTracker,
         max_size: int,
         tag_ttls: Mapping[str, float],
@@ -56,15 +70,18 @@ class Evictor:
     ) -> None:
         self._events = events
         self._index = index
-        self._store = store
+        self._content = content
+        self._store = content.files  # the local files: recovery, the lock, disk-full mode
         self._access = access
         self.max_size = max_size
         self._max_ttl = max(tag_ttls.values(), default=0.0)
         self._max_age = max_age
         self._shared = shared
-        self._lock = FileLock(store.root / "evict.lock")
+        self._lock = FileLock(self._store.root / "evict.lock")
         self._primary = primary  # the one process that sets usage at start and runs max_age
         self._task: asyncio.Task[None] | None = None
+        self._pass: asyncio.Task[Evicted] | None = None
+        self._recovery: ReconcileTask | None = None
 
     @property
     def usage(self) -> int:
@@ -77,34 +94,93 @@ class Evictor:
         CACHE_BYTES.set(self.usage)
         await self.refresh_counts()
         self._task = asyncio.create_task(self._periodic())
-        if self._primary and self.usage > self.max_size * HIGH_WATERMARK:
-            async with self._lock.hold():
-                target = int(self.max_size * LOW_WATERMARK)
-                await self._evict(lambda usage: usage > target)
+        if self._primary and pending(self._store.root):
+            self._recovery = ReconcileTask(
+                self._store, self._index, self.correct_usage, self._after_recovery
+            )
+            self._recovery.start()
+        if self._primary and self._over_high():
+            self._start_pass()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._pass):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._recovery is not None:
+            await self._recovery.close()
         await self._access.flush()
 
     def release(self, size: int) -> None:
         """Give back a reservation whose bytes did not land (failed commit, already indexed)."""
         CACHE_BYTES.set(self._shared.add_usage(-size))
 
-    async def make_room(self, incoming: int) -> Evicted:
-        """Reserve `incoming` bytes; evict to the low watermark first if they would pass the high.
+    def correct_usage(self, delta: int) -> None:
+        """Recovery found indexed bytes the account did not hold (files indexed: positive) or
+        held without content (rows dropped: negative)."""
+        CACHE_BYTES.set(self._shared.add_usage(delta))
 
-        The reservation is taken under the lock, so concurrent commits cannot all see the same
-        free space: the cap holds whatever the number of downloads finishing at once.
+    async def make_room(self, incoming: int) -> None:
+        """Reserve `incoming` bytes; past the high watermark, start an eviction pass in the
+        background (unless one runs) and return without waiting for it, unless the bytes
+        would pass the cap itself: then only until the pass has freed room for them.
+
+        The reservation is one atomic add to the shared usage, so concurrent commits in any
+        worker cannot all see the same free space: each pass sees every reservation made
+        before it looks at usage, and a reservation made after a pass's last look starts one.
         """
-        async with self._lock.hold():
-            evicted = Evicted(0, 0)
-            if self.usage + incoming > self.max_size * HIGH_WATERMARK:
-                target = int(self.max_size * LOW_WATERMARK) - incoming
-                evicted = await self._evict(lambda usage: usage > target)
-            CACHE_BYTES.set(self._shared.add_usage(incoming))
-            return evicted
+        usage = self._shared.add_usage(incoming)
+        CACHE_BYTES.set(usage)
+        if usage > self.max_size * HIGH_WATERMARK:
+            self._start_pass()
+        # Past the cap itself (the 5% over the watermark used up), wait until the pass has
+        # freed enough for these bytes: its first parts, milliseconds, not the whole pass.
+        # A pass that frees nothing (all pinned) ends, and the bytes land over the cap.
+        while self.usage > self.max_size and self._pass is not None and not self._pass.done():
+            await asyncio.sleep(POLL)
+
+    async def settled(self) -> Evicted:
+        """Wait for this process's eviction pass, if one runs (tests, the bench); what it
+        evicted."""
+        if self._pass is None:
+            return Evicted(0, 0)
+        return await asyncio.shield(self._pass)
+
+    async def recovered(self) -> RecoveryReport | None:
+        """Wait for the background recovery this process runs, if any (tests, the bench)."""
+        return None if self._recovery is None else await self._recovery.wait()
+
+    def _over_high(self) -> bool:
+        return self.usage > self.max_size * HIGH_WATERMARK
+
+    def _over_low(self, usage: int) -> bool:
+        return usage > self.max_size * LOW_WATERMARK
+
+    def _start_pass(self) -> None:
+        if self._pass is None or self._pass.done():
+            self._pass = asyncio.create_task(self._passes(), name="eviction pass")
+
+    async def _passes(self) -> Evicted:
+        """Passes to the low watermark while usage is over the high one. The condition is
+        looked at after the lock is released, with no await before returning, so a
+        reservation that saw this task still running is never left unserved."""
+        total = Evicted(0, 0)
+        try:
+            while self._over_high():
+                async with self._lock.hold():
+                    done = await self._evict(self._over_low)
+                total = Evicted(total.count + done.count, total.bytes + done.bytes)
+                if not done.count:
+                    break  # all pinned or fresh (logged); the next reservation tries again
+        except Exception:
+            log.exception("eviction pass failed")
+        return total
+
+    async def _after_recovery(self) -> None:
+        CACHE_BYTES.set(self.usage)
+        await self.refresh_counts()
+        if self._over_high():
+            self._start_pass()
 
     async def expire(self, unused_for: float) -> Evicted:
         """Evict everything not used for `unused_for` seconds (pins and fresh tags excepted)."""
@@ -155,16 +231,36 @@ class Evictor:
         return total
 
     async def _delete(self, blobs: list[tuple[str, int]], reason: str) -> Evicted:
-        await self._store.remove([digest for digest, _ in blobs])
-        await self._index.forget_blobs([d for d, _ in blobs])
+        """Files first, then rows, PART at a time; the rows of one part are forgotten while
+        the next part's files are unlinked (the index's thread and the unlink threads wait on
+        the disk apart), so a pass costs about the slower of the two, not their sum."""
+        parts = [blobs[n : n + PART] for n in range(0, len(blobs), PART)]
+        freed = 0
+        previous: list[tuple[str, int]] = []
+        for part in parts:
+            removal = self._content.remove([digest for digest, _ in part])
+            if previous:
+                _, done = await asyncio.gather(removal, self._forget(previous, reason))
+                freed += done
+            else:
+                await removal
+            previous = part
+        if previous:
+            freed += await self._forget(previous, reason)
+        return Evicted(len(blobs), freed)
+
+    async def _forget(self, blobs: list[tuple[str, int]], reason: str) -> int:
+        """Rows of blobs whose files are gone; the bytes subtracted from the usage account:
+        only the rows this call deleted (recovery may drop a row whose file a pass just
+        deleted, before the pass forgets it)."""
+        freed = await self._index.forget_blobs([digest for digest, _ in blobs])
         self._shared.content_removed()  # workers drop what their memory caches hold
-        freed = sum(s for _, s in blobs)
         CACHE_BYTES.set(self._shared.add_usage(-freed))
         EVICTIONS.inc(len(blobs))
         EVICTED_BYTES.inc(freed)
         for digest, size in blobs:
             self._events("blob.evicted", {"digest": digest, "size": size, "reason": reason})
-        return Evicted(len(blobs), freed)
+        return freed
 
     async def refresh_counts(self) -> None:
         _, blobs, manifests = await self._index.usage()

@@ -1,5 +1,5 @@
-"""Recovery: after a crash or `kill -9`, make index and disk agree again (at start), and clear
-what a dead worker left in `tmp/` (while the other workers serve, see `sweep_after_worker_crash`).
+"""Recovery: after a crash or `kill -9`, make index and disk agree again, and clear what a dead
+worker left in `tmp/` (while the other workers serve, see `sweep_after_worker_crash`).
 
 What can be found, and why it is safe to act on it:
 - files in `tmp/`: downloads a crash interrupted; never verified, so removed;
@@ -7,20 +7,38 @@ What can be found, and why it is safe to act on it:
 - files without a row: a crash between the rename and the index write; the name is the digest,
   so the file is hashed again and indexed if it matches, deleted if not;
 - a damaged SQLite file: moved aside and rebuilt from the verified files on disk.
-Nothing under a final name was ever partial (see store/blobs.py), so nothing partial is served.
+Nothing under a final name was ever partial (see store/blobs/local.py), so nothing partial is
+served.
+
+Start-up does only what serving depends on (`open_checked`): temp files go (followers read a
+temp file only when a live download's claim names it, and no download is live yet), and the
+index opens or is rebuilt. What costs one look at every file and row (`reconcile`, 20 s at a
+million blobs) runs afterwards in the background, in the primary process, because each thing
+it repairs is harmless meanwhile:
+- a row without a file is a miss: the hit path opens files by name, finds none, and fetches;
+- a file without a row is served by name, as it is between the rename and the index write of
+  every download: it reached that name only after its digest was verified. It is missing from
+  the usage account until reconcile indexes it (and re-hashes it: a file tampered with or
+  damaged under its name is deleted then, as at a synchronous start);
+- a stray name (not a digest) is never asked for.
+Reconcile takes one `<algorithm>/<2 hex>` directory at a time and the index rows of the same
+digest range, so memory stays bounded and downloads and evictions running meanwhile are taken
+into account (see `_reconcile_directory`). A marker file says that a reconcile is due; it is
+removed only once one finished, so a primary restarted after a crash runs it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import sqlite3
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mirror.errors import RegistryError
@@ -30,6 +48,11 @@ from mirror.store.blobs import BlobStore
 from mirror.store.index import Index, SqliteIndex
 
 log = logging.getLogger(__name__)
+
+ALGORITHMS = ("sha256", "sha512")  # the digests reference.validate_digest accepts
+PREFIXES = tuple(f"{n:02x}" for n in range(256))
+PENDING = "recovery-pending"  # the marker file, in the data directory
+PROGRESS_EVERY = 64  # directories between progress lines (4 lines per algorithm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,34 +82,58 @@ class RecoveryReport:
         return "recovery: " + "; ".join(parts)
 
 
-def _hash_file(path: Path, algorithm: str) -> str:
+def _hash_unchanged(path: Path, algorithm: str) -> tuple[str, bool] | None:
+    """The digest of the file at `path`, and whether `path` still names the file hashed
+    (a download may rename a fresh copy over it meanwhile); None if it is gone."""
     digest = hashlib.new(algorithm)
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return f"{algorithm}:{digest.hexdigest()}"
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+            hashed = os.fstat(fh.fileno()).st_ino
+        unchanged = os.stat(path).st_ino == hashed
+    except FileNotFoundError:
+        return None
+    return f"{algorithm}:{digest.hexdigest()}", unchanged
 
 
-def scan(store: BlobStore) -> tuple[dict[str, int], list[Path]]:
-    """Verified-by-name files on disk (digest -> size), and files whose name is no digest."""
+def _scan_directory(directory: Path, algorithm: str) -> tuple[dict[str, int], list[Path]]:
+    """Files named by a digest in one prefix directory (digest -> size), and files that are
+    not (a name that is no digest, or in the wrong prefix directory)."""
     found: dict[str, int] = {}
     strays: list[Path] = []
-    if not store.blobs.exists():
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
         return found, strays
-    for algorithm_dir in store.blobs.iterdir():
-        for prefix_dir in algorithm_dir.iterdir() if algorithm_dir.is_dir() else ():
-            for entry in os.scandir(prefix_dir):
-                digest = f"{algorithm_dir.name}:{entry.name}"
-                try:
-                    validate_digest(digest)
-                except RegistryError:
-                    strays.append(Path(entry.path))
-                    continue
-                if entry.name[:2] != prefix_dir.name:
-                    strays.append(Path(entry.path))
-                    continue
-                found[digest] = entry.stat().st_size
+    for entry in entries:
+        digest = f"{algorithm}:{entry.name}"
+        try:
+            validate_digest(digest)
+            if entry.name[:2] != directory.name:
+                raise RegistryError.digest_invalid(digest)
+            found[digest] = entry.stat().st_size
+        except RegistryError:
+            strays.append(Path(entry.path))
+        except FileNotFoundError:
+            continue  # evicted since the listing
     return found, strays
+
+
+def _strays_outside_prefixes(store: BlobStore) -> list[Path]:
+    """Files under `blobs/` outside every `<algorithm>/<2 hex>` directory: never asked for."""
+    strays: list[Path] = []
+    if not store.blobs.is_dir():
+        return strays
+    for top in store.blobs.iterdir():
+        if top.name not in ALGORITHMS or not top.is_dir():
+            strays.extend(p for p in ([top] if not top.is_dir() else top.rglob("*")) if p.is_file())
+            continue
+        for sub in top.iterdir():
+            if sub.name not in PREFIXES or not sub.is_dir():
+                strays.extend(p for p in ([sub] if not sub.is_dir() else sub.rglob("*"))
+                              if p.is_file())  # fmt: skip
+    return strays
 
 
 async def _open_index(path: Path) -> tuple[Index, bool]:
@@ -107,35 +154,177 @@ async def _open_index(path: Path) -> tuple[Index, bool]:
     return await SqliteIndex.open(path), True
 
 
-async def recover(store: BlobStore, index_path: Path) -> tuple[Index, RecoveryReport]:
+async def open_checked(store: BlobStore, index_path: Path) -> tuple[Index, RecoveryReport]:
+    """The start-up part of recovery: temp files removed, the index opened (moved aside and
+    started anew if damaged). Costs the temp files and SQLite's quick_check (0.4 s at a
+    million rows), not a look at every blob; `reconcile` does that afterwards."""
     temp_removed = store.prepare()
     index, rebuilt = await _open_index(index_path)
-    indexed = await index.all_blobs()
-    on_disk, strays = await asyncio.to_thread(scan, store)
+    return index, RecoveryReport(temp_removed=temp_removed, index_rebuilt=rebuilt)
+
+
+def mark_pending(data: Path) -> None:
+    """Record that a reconcile is due (at every start: a crash can have happened before)."""
+    (data / PENDING).touch()
+
+
+def pending(data: Path) -> bool:
+    return (data / PENDING).exists()
+
+
+def _no_adjustment(_delta: int) -> None:
+    pass
+
+
+async def reconcile(
+    store: BlobStore,
+    index: Index,
+    adjust_usage: Callable[[int], None] = _no_adjustment,
+    report: RecoveryReport = RecoveryReport(),
+) -> RecoveryReport:
+    """Make index and files agree, one prefix directory at a time, while the cache serves;
+    `adjust_usage` is told every change to the bytes indexed (rows dropped: negative; files
+    indexed: positive), so the usage account is right once this returns. Returns `report`
+    with what was repaired added. The marker is not touched (see `ReconcileTask`)."""
+    strays = await asyncio.to_thread(_strays_outside_prefixes, store)
     for stray in strays:
         stray.unlink(missing_ok=True)
+    report = replace(report, files_deleted=report.files_deleted + len(strays))
+    directories = [(algorithm, prefix) for algorithm in ALGORITHMS for prefix in PREFIXES]
+    started = time.monotonic()
+    for done, (algorithm, prefix) in enumerate(directories, start=1):
+        report = await _reconcile_directory(store, index, algorithm, prefix, adjust_usage, report)
+        if done % PROGRESS_EVERY == 0 and done < len(directories):
+            log.info(
+                "recovery: %d of %d blob directories checked (%.1f s)",
+                done, len(directories), time.monotonic() - started,
+            )  # fmt: skip
+    return report
 
-    rows_dropped = [d for d in indexed if d not in on_disk]
-    if rows_dropped:
-        await index.forget_blobs(rows_dropped)
 
-    files_indexed, files_deleted = 0, len(strays)
+async def _reconcile_directory(
+    store: BlobStore,
+    index: Index,
+    algorithm: str,
+    prefix: str,
+    adjust_usage: Callable[[int], None],
+    report: RecoveryReport,
+) -> RecoveryReport:
+    """One directory against the rows of its digest range, safe beside live downloads and
+    evictions (a download renames its file, then indexes it; eviction deletes files, then rows):
+
+    - the files are listed before the rows are read, so a file listed without a row is either
+      a crash's leftover or a download between rename and index write: hashing and indexing it
+      is right for both (`add_blob` says whether the row is new; only a new row is counted,
+      and the download then gives back its reservation);
+    - a row without a listed file is dropped only if the file is still missing when looked at
+      again (a download may have renamed and indexed it since the listing);
+    - `forget_blobs` says how many bytes it actually deleted, so a row that an eviction pass
+      drops at the same time is subtracted from the usage account once.
+    """
+    directory = store.blobs / algorithm / prefix
+    on_disk, strays = await asyncio.to_thread(_scan_directory, directory, algorithm)
+    low = f"{algorithm}:{prefix}"
+    indexed = await index.blobs_in_range(low, low + "g")  # 'g' sorts after every hex digit
+    for stray in strays:
+        stray.unlink(missing_ok=True)
+    rows_dropped, files_indexed, files_deleted = 0, 0, len(strays)
+
+    missing = [d for d in indexed if d not in on_disk]
+    if missing:
+        gone = await asyncio.to_thread(lambda: [d for d in missing if not store.path(d).exists()])
+        if gone:
+            adjust_usage(-await index.forget_blobs(gone))
+            rows_dropped += len(gone)
+
     for digest, size in on_disk.items():
-        if indexed.get(digest) == size:
+        recorded = indexed.get(digest)
+        if recorded == size:
             continue
-        if digest in indexed:  # recorded with another size: trust neither, verify the file
-            await index.forget_blobs([digest])
+        if recorded is not None:  # recorded with another size: trust neither, verify the file
+            adjust_usage(-await index.forget_blobs([digest]))
         path = store.path(digest)
-        actual = await asyncio.to_thread(_hash_file, path, digest.split(":", 1)[0])
+        hashed = await asyncio.to_thread(_hash_unchanged, path, algorithm)
+        if hashed is None:
+            continue  # evicted since the listing
+        actual, unchanged = hashed
         if actual == digest:
-            await index.add_blob(digest, size, None)
+            if await index.add_blob(digest, size, None):
+                adjust_usage(size)
             files_indexed += 1
-        else:
+        elif unchanged:  # not a verified copy renamed over it since it was hashed
             path.unlink(missing_ok=True)
             files_deleted += 1
-    report = RecoveryReport(temp_removed, len(rows_dropped), files_indexed, files_deleted, rebuilt)
+    return replace(
+        report,
+        rows_dropped=report.rows_dropped + rows_dropped,
+        files_indexed=report.files_indexed + files_indexed,
+        files_deleted=report.files_deleted + files_deleted,
+    )
+
+
+async def recover(store: BlobStore, index_path: Path) -> tuple[Index, RecoveryReport]:
+    """All of recovery before returning (tools, tests): `open_checked`, then `reconcile`."""
+    index, report = await open_checked(store, index_path)
+    try:
+        report = await reconcile(store, index, report=report)
+    except BaseException:
+        await index.close()
+        raise
+    (store.root / PENDING).unlink(missing_ok=True)
     (log.warning if report.repaired else log.info)("%s", report.describe())
     return index, report
+
+
+class ReconcileTask:
+    """The background reconcile the primary process owns: started after the cache serves,
+    cancelled at shutdown (the marker stays, so the next start runs it again), logged when
+    done, and followed by `then` (the usage gauge, counts, and an eviction pass if the bytes
+    found push the cache over its cap)."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        index: Index,
+        adjust_usage: Callable[[int], None],
+        then: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._store = store
+        self._index = index
+        self._adjust = adjust_usage
+        self._then = then
+        self._task: asyncio.Task[RecoveryReport] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="recovery")
+
+    async def _run(self) -> RecoveryReport:
+        started = time.monotonic()
+        log.info("recovery: checking every blob against the index in the background")
+        try:
+            report = await reconcile(self._store, self._index, self._adjust)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("recovery failed; it runs again at the next start")
+            raise
+        (self._store.root / PENDING).unlink(missing_ok=True)
+        (log.warning if report.repaired else log.info)(
+            "%s (background, %.1f s)", report.describe(), time.monotonic() - started
+        )
+        await self._then()
+        return report
+
+    async def wait(self) -> RecoveryReport:
+        """The report once the reconcile finished (tests, the bench)."""
+        assert self._task is not None
+        return await asyncio.shield(self._task)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
 
 
 # A worker names its temp file in its claim microseconds after creating it (fetch.py); this is

@@ -10,7 +10,7 @@ from mirror.access import AccessTracker
 from mirror.evict import Evictor
 from mirror.recovery import recover
 from mirror.shared import SharedState
-from mirror.store.blobs import BlobStore, digest_of
+from mirror.store.blobs import BlobStore, LocalContent, digest_of
 
 
 async def put(store: BlobStore, data: bytes) -> str:
@@ -73,10 +73,16 @@ async def test_eviction_order_is_lru_and_spares_pins_and_fresh_tags(tmp_path: Pa
     shared = SharedState(tmp_path / "state")
     shared.set_usage((await index.usage())[0])
     evictor = Evictor(
-        index, store, access, max_size=700, tag_ttls={"docker.io": 300.0}, shared=shared
+        index,
+        LocalContent(store),
+        access,
+        max_size=700,
+        tag_ttls={"docker.io": 300.0},
+        shared=shared,
     )
     await evictor.start()  # 600 is under the high watermark (665): nothing yet
-    done = await evictor.make_room(300)  # 900 > 665: evict to 630 - 300, LRU first
+    await evictor.make_room(300)  # 900 > 665: a pass evicts to 630, LRU first
+    done = await evictor.settled()
     remaining = set(await index.all_blobs())
     assert done.count == 3
     assert remaining == {digests[0], digests[1], digests[2]}

@@ -21,6 +21,9 @@ from mirror.store.source import BlobSource
 class ContentStore(Protocol):
     files: BlobStore  # local files: the whole store (local), staging and hot tier (bucket)
     name: str  # the engine, for logs, metrics and /readyz: "local", "s3"
+    # GETs of stored blobs are answered with a redirect to the engine's own URL, not served
+    # from the local files (`s3_redirect`).
+    redirects: bool
 
     def start(self, index: Index, primary: bool) -> None:
         """Begin the engine's own maintenance, if it has any (the bucket's sweep, by the

@@ -17,12 +17,17 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from mirror.metrics import DISK_FULL
 from mirror.reference import is_digest, validate_digest
+from mirror.store.index.base import Index
 
 log = logging.getLogger(__name__)
+
+UNLINKERS = 32  # concurrent unlinks of an eviction pass (see BlobStore.remove)
 
 
 class DigestMismatch(Exception):
@@ -50,17 +55,13 @@ def _fsync_and_close(fd: int) -> None:
         os.close(fd)
 
 
-def _unlink_all(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
-
-
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / "tmp"
         self.blobs = root / "blobs"
         self._full_until = 0.0
+        self._unlinkers: ThreadPoolExecutor | None = None
 
     FULL_FOR = 60.0  # seconds a disk-full error keeps the store in pass-through mode
 
@@ -131,9 +132,25 @@ class BlobStore:
 
     async def remove(self, digests: list[str]) -> None:
         """Delete these blobs' files (eviction, purge). A reader holding one open keeps its
-        descriptor and completes; unlinks run off the loop, a pass may delete thousands."""
-        paths = [self.path(digest) for digest in digests]
-        await asyncio.to_thread(_unlink_all, paths)
+        descriptor and completes; unlinks run off the loop, a pass may delete thousands.
+
+        An unlink mostly waits for the disk (0.3 ms each on a virtual disk, 0.07 ms of it
+        CPU), so UNLINKERS run at once, on threads of their own: 100,000 deletions take about
+        10 s instead of 30, and the default pool stays free for commits' fsync. Paths are
+        made on those threads too: 25 us each is 0.1 s of the loop for a batch of 5,000."""
+        if not digests:
+            return
+        if self._unlinkers is None:
+            self._unlinkers = ThreadPoolExecutor(UNLINKERS, thread_name_prefix="unlink")
+        loop = asyncio.get_running_loop()
+        parts = [digests[n::UNLINKERS] for n in range(min(UNLINKERS, len(digests)))]
+        await asyncio.gather(
+            *(loop.run_in_executor(self._unlinkers, self._unlink_all, part) for part in parts)
+        )
+
+    def _unlink_all(self, digests: list[str]) -> None:
+        for digest in digests:
+            self.path(digest).unlink(missing_ok=True)
 
     def writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self, digest)
@@ -190,6 +207,11 @@ class BlobWriter:
         self.received += len(chunk)
         return rest
 
+    def rehash(self) -> Any:
+        """The running hash, to go on hashing after this writer is dropped (a copy that hit
+        a full disk while its reader still needs the digest checked)."""
+        return self._hash.copy()
+
     def actual_digest(self) -> str:
         return f"{self._hash.name}:{self._hash.hexdigest()}"
 
@@ -232,9 +254,13 @@ class LocalContent:
     """The local engine of the content seam (base.py): the files are the store."""
 
     name = "local"
+    redirects = False
 
     def __init__(self, files: BlobStore) -> None:
         self.files = files
+
+    def start(self, index: Index, primary: bool) -> None:
+        return None  # recovery.py keeps the files and the index in agreement
 
     async def ping(self) -> bool:
         return os.access(self.files.tmp, os.W_OK)
@@ -260,6 +286,9 @@ class LocalContent:
     async def listing(self) -> AsyncIterator[tuple[str, int, float]]:
         for digest, (size, mtime) in (await asyncio.to_thread(self.files.scan)).items():
             yield digest, size, mtime
+
+    async def abort_stale_uploads(self, older_than: float) -> int:
+        return 0  # downloads stage in tmp/, which recovery empties
 
     async def close(self) -> None:
         return None

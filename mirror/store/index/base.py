@@ -62,6 +62,11 @@ class Index(Protocol):
         """The size of an indexed blob, or None."""
         ...
 
+    async def stored(self, digests: list[str]) -> set[str]:
+        """Those of `digests` that have a blob row (a bucket sweep asks a listing page at a
+        time: one query per thousand objects, not one per object)."""
+        ...
+
     async def add_blob(self, digest: str, size: int, media_type: str | None) -> bool: ...
 
     async def get_manifest_type(
@@ -102,7 +107,21 @@ class Index(Protocol):
         """Least recently used first; never pinned content or the manifest of a fresh tag."""
         ...
 
-    async def forget_blobs(self, digests: list[str]) -> None: ...
+    async def forget_blobs(self, digests: list[str]) -> int:
+        """Delete these blobs' rows and everything recorded about them (manifests, refs, tags,
+        holders); the bytes of the blob rows this call deleted. A row already gone counts
+        nothing: eviction and background recovery may both drop a row whose file is gone, and
+        each subtracts from the usage account only what it returns.
+        """
+        ...
+
+    async def blobs_in_range(self, low: str, high: str) -> dict[str, int]:
+        """Indexed blobs whose digest is in [low, high), by plain byte order of the digest
+        string (digest -> size): recovery compares one directory of files with its rows at a
+        time. (PostgreSQL: compare with COLLATE "C", or a locale may order digits and letters
+        differently.)
+        """
+        ...
 
     async def holds(self, registry: str, repository: str, digest: str) -> bool:
         """Is `digest` known to be in this repository: a cached manifest of it (the blob
