@@ -187,6 +187,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         index, content, access, config.max_size,
         {name: reg.tag_ttl for name, reg in config.registries.items()}, config.max_age,
         shared=shared, primary=worker in (None, 0), events=events,
+        index_shared=config.index_url is not None,
     )  # fmt: skip
     CACHE_MAX_BYTES.set(config.max_size)
     await evictor.start()

@@ -67,8 +67,12 @@ class Evictor:
         shared: SharedState,
         primary: bool = True,
         events: EventSink = ignore_event,
+        index_shared: bool = False,
     ) -> None:
         self._events = events
+        # Other replicas commit to this index (PostgreSQL): this machine's account of usage
+        # misses their bytes, so it is set again from the index (see _resync_usage).
+        self._index_shared = index_shared
         self._index = index
         self._content = content
         self._store = content.files  # the local files: recovery, the lock, disk-full mode
@@ -129,6 +133,8 @@ class Evictor:
         worker cannot all see the same free space: each pass sees every reservation made
         before it looks at usage, and a reservation made after a pass's last look starts one.
         """
+        if self._index_shared:
+            await self._resync_usage()
         usage = self._shared.add_usage(incoming)
         CACHE_BYTES.set(usage)
         if usage > self.max_size * HIGH_WATERMARK:
@@ -267,12 +273,25 @@ class Evictor:
         CACHE_BLOBS.set(blobs)
         CACHE_MANIFESTS.set(manifests)
 
+    async def _resync_usage(self) -> None:
+        """Usage from the shared index: every replica's committed bytes, read before each
+        reservation and every PERIODIC seconds. What is missed: other machines' reservations
+        not indexed yet, and this machine's own ones made since (their downloads commit
+        within moments), so the cap can be passed by the downloads the replicas are storing
+        at that moment, as on one machine; a pass starts as soon as it is."""
+        usage, _, _ = await self._index.usage()
+        self._shared.set_usage(usage)
+        if self._over_high():
+            self._start_pass()
+
     async def _periodic(self) -> None:
         while True:
             await asyncio.sleep(PERIODIC)
             try:
                 await self._access.flush()
                 await self.refresh_counts()
+                if self._index_shared and self._primary:
+                    await self._resync_usage()
                 CACHE_BYTES.set(self.usage)
                 self._store.refresh_full()
                 if self._max_age and self._primary:

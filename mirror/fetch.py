@@ -298,15 +298,19 @@ class BlobFetcher:
             except FileNotFoundError:
                 pass
             else:
-                return FileSource(digest, f)
+                if await self._content.confirm_local(digest):
+                    return FileSource(digest, f)
+                f.close()  # a copy of a blob removed elsewhere (another replica's purge)
         self._missing.check(registry, repository, "blob", digest)
         if digest not in self._inflight:
+            if self._health is not None:
+                self._health.check()  # a backend known down is not waited for again
             size = await self._index.get_blob(digest)
             stored = None if size is None else await self._content.open(digest, size)
             if stored is not None:
                 return stored
         if self._health is not None and digest not in self._inflight:
-            self._health.check()  # a backend is down: nothing could be stored (health.py)
+            self._health.check()  # went down meanwhile: nothing could be stored (health.py)
         return self.join(registry, repository, digest)
 
     async def stream_uncached(

@@ -26,6 +26,7 @@ from cachetools import LRUCache
 from mirror.errors import RegistryError
 from mirror.shared import SharedState
 from mirror.singleflight import SingleFlight
+from mirror.store.health import BackendUnavailable
 from mirror.store.index import Index
 from mirror.upstream.client import RegistryClient, status_error
 from mirror.visibility import Grant, Visibility
@@ -71,14 +72,22 @@ class BlobMembership:
 
     async def _confirm(self, key: Key, grant: Grant) -> bool:
         registry, repository, digest = key
-        if await self._index.holds(registry, repository, digest):
+        try:
+            held = await self._index.holds(registry, repository, digest)
+        except BackendUnavailable:
+            held = False  # the database is down: the upstream can still say (a HEAD is free)
+            indexed = False
+        else:
+            indexed = True
+        if held:
             self._known[key] = True
             return True
         status = await self._visibility.status_as(
             grant, self._clients[registry], repository, f"blobs/{digest}"
         )
         if status == 200:
-            await self._index.add_holder(registry, repository, digest)
+            if indexed:
+                await self._index.add_holder(registry, repository, digest)
             self._known[key] = True
             return True
         if status in (401, 403, 404):

@@ -70,6 +70,7 @@ async def test_max_size_caps_the_bucket_when_two_replicas_fill_it(
         server = one if n < 2 else two
         await pull(http, mirror_url(server), f"team/cap{n}", "v1")
         await settled(server)
+        await server.app[EVICTOR].settled()
     index = await index_of(backend)
     try:
         indexed = await index.all_blobs()

@@ -38,6 +38,12 @@ class ContentStore(Protocol):
         """A download's temp file; its `commit` verifies and stores the blob for good."""
         ...
 
+    async def confirm_local(self, digest: str) -> bool:
+        """May the local file of `digest` be served? The local engine: always (the file is
+        the store). An engine whose local files are copies: only while the shared index still
+        lists the blob (another replica may have purged or evicted it)."""
+        ...
+
     async def read(self, digest: str) -> bytes | None:
         """A small stored object (a manifest) whole, verified; None if not stored."""
         ...

@@ -28,9 +28,12 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
+from cachetools import LRUCache
+
 from mirror.metrics import DIGEST_MISMATCHES
 from mirror.store.blobs.local import BlobStore, BlobWriter, DigestMismatch, digest_of
 from mirror.store.blobs.s3 import ObjectStore
+from mirror.store.health import BackendUnavailable
 from mirror.store.index.base import Index
 from mirror.store.source import Origin, Segment
 from mirror.store.sweep import BucketSweeper
@@ -38,6 +41,7 @@ from mirror.store.sweep import BucketSweeper
 log = logging.getLogger(__name__)
 
 HOT_LOW_WATERMARK = 0.9  # a trim of the hot tier goes down to this share of its cap
+CONFIRM_EVERY = 2.0  # seconds a hot copy is served without asking the index again
 PRESIGN_EXPIRES = 600.0  # seconds a redirect URL is valid: enough to start a big layer
 ABORT_TIMEOUT = 10.0  # seconds an abort may take when a download is dropped
 
@@ -246,6 +250,8 @@ class BucketContent:
         self.redirects = redirect
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: BucketSweeper | None = None
+        self._index: Index | None = None  # set by start(): hot copies of purged blobs go
+        self._confirmed: LRUCache[str, float] = LRUCache(100_000)  # digest -> when confirmed
 
     def own(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A background task this store cancels and awaits at close (uploads)."""
@@ -256,6 +262,7 @@ class BucketContent:
         return task
 
     def start(self, index: Index, primary: bool) -> None:
+        self._index = index
         if primary:
             self._sweeper = BucketSweeper(self, index)
             self._sweeper.start()
@@ -265,6 +272,28 @@ class BucketContent:
 
     def writer(self, digest: str) -> BlobWriter:
         return UploadingWriter(self.files, digest, self)
+
+    async def confirm_local(self, digest: str) -> bool:
+        """A hot copy is served while the index lists the blob, asked at most once per
+        CONFIRM_EVERY seconds per blob and process: a purge or eviction on another replica
+        stops this one serving its copy within that time (the copy is then deleted). If the
+        index cannot answer, the copy is served: it was verified, and hits outlive outages."""
+        now = time.monotonic()
+        confirmed = self._confirmed.get(digest)
+        if confirmed is not None and now - confirmed < CONFIRM_EVERY:
+            return True
+        if self._index is None:
+            return True
+        try:
+            listed = await self._index.get_blob(digest) is not None
+        except BackendUnavailable:
+            return True
+        if listed:
+            self._confirmed[digest] = now
+            return True
+        self._confirmed.pop(digest, None)
+        self.files.path(digest).unlink(missing_ok=True)
+        return False
 
     async def read(self, digest: str) -> bytes | None:
         data = self.files.read(digest)
@@ -309,13 +338,24 @@ class BucketContent:
             return None
 
     async def keep_hot(self, copy: BlobWriter) -> None:
-        """Verify and keep a local copy made by `hot_copy`; on any failure drop it."""
+        """Verify and keep a local copy made by `hot_copy`; on any failure drop it.
+
+        The blob may have been purged or evicted while it streamed: the index is asked after
+        the rename (a removal before it found no file to delete; one after it deletes this
+        one), so a removed blob never lingers as a local file the hit path would serve."""
         try:
-            await copy.commit()
+            path = await copy.commit()
         except (OSError, DigestMismatch) as exc:
             copy.discard()
             if isinstance(exc, DigestMismatch):
                 log.error("object %s in the bucket does not match its digest", copy.digest)
+            return
+        try:
+            indexed = self._index is None or await self._index.get_blob(copy.digest) is not None
+        except BackendUnavailable:
+            indexed = False  # cannot tell: the bucket still has it if it is wanted
+        if not indexed:
+            path.unlink(missing_ok=True)
             return
         self.hot.added(copy.received)
 

@@ -268,6 +268,9 @@ class LocalContent:
     def writer(self, digest: str) -> BlobWriter:
         return self.files.writer(digest)
 
+    async def confirm_local(self, digest: str) -> bool:
+        return True
+
     async def read(self, digest: str) -> bytes | None:
         return self.files.read(digest)
 

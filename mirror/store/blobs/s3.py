@@ -65,6 +65,10 @@ class S3Settings:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0  # longest silence while waiting for or reading a response
     ping_timeout: float = 3.0  # total, retries included: a health probe must answer promptly
+    # Total, retries included, for one small request: a HEAD, a manifest's GET or PUT, the
+    # headers of a ranged GET, a delete batch. A bucket that accepts connections but never
+    # answers must cost a client a prompt 503, not its own timeout (containerd's is 30 s).
+    request_timeout: float = 10.0
     part_size: int = PART_SIZE
 
     def __post_init__(self) -> None:
@@ -206,15 +210,17 @@ class ObjectStore:
     async def put(self, digest: str, data: bytes) -> None:
         key = self.key(digest)
         with _errors("PutObject", key):
-            await self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
+            async with asyncio.timeout(self.settings.request_timeout):
+                await self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
 
     async def get(self, digest: str) -> bytes | None:
         key = self.key(digest)
         try:
             with _errors("GetObject", key):
-                response = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
-                async with response["Body"] as body:
-                    return await body.read()
+                async with asyncio.timeout(self.settings.request_timeout):
+                    response = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
+                    async with response["Body"] as body:
+                        return await body.read()
         except ObjectMissing:
             return None
 
@@ -222,7 +228,8 @@ class ObjectStore:
         key = self.key(digest)
         try:
             with _errors("HeadObject", key):
-                response = await self._client.head_object(Bucket=self.settings.bucket, Key=key)
+                async with asyncio.timeout(self.settings.request_timeout):
+                    response = await self._client.head_object(Bucket=self.settings.bucket, Key=key)
         except ObjectMissing:
             return None
         return response["ContentLength"]
@@ -237,9 +244,10 @@ class ObjectStore:
         if start == end:
             return ObjectStream(None, key)
         with _errors("GetObject", key):
-            response = await self._client.get_object(
-                Bucket=self.settings.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
-            )
+            async with asyncio.timeout(self.settings.request_timeout):
+                response = await self._client.get_object(
+                    Bucket=self.settings.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+                )
         return ObjectStream(response["Body"], key)
 
     async def delete(self, digests: list[str]) -> None:
@@ -248,10 +256,11 @@ class ObjectStore:
         for i in range(0, len(keys), DELETE_BATCH):
             batch = keys[i : i + DELETE_BATCH]
             with _errors("DeleteObjects", f"({len(batch)} keys)"):
-                response = await self._client.delete_objects(
-                    Bucket=self.settings.bucket,
-                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
-                )
+                async with asyncio.timeout(self.settings.request_timeout):
+                    response = await self._client.delete_objects(
+                        Bucket=self.settings.bucket,
+                        Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                    )
             failed = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if failed:
                 first = failed[0]
@@ -282,14 +291,19 @@ class ObjectStore:
                         yield digest, entry["Size"], entry["LastModified"].timestamp()
 
     async def abort_stale_uploads(self, older_than: float) -> int:
-        """Abort the multipart uploads under the prefix begun more than `older_than` seconds
+        """Abort the multipart uploads of our blob keys begun more than `older_than` seconds
         ago (a crashed writer's; their parts are billed storage until aborted)."""
         cutoff = time.time() - older_than
         paginator = self._client.get_paginator("list_multipart_uploads")
         stale: list[tuple[str, str]] = []
         with _errors("ListMultipartUploads", self.prefix):
-            async for page in paginator.paginate(Bucket=self.settings.bucket, Prefix=self.prefix):
+            pages = paginator.paginate(Bucket=self.settings.bucket, Prefix=f"{self.prefix}blobs/")
+            async for page in pages:
                 for upload in page.get("Uploads", []):
+                    # Only uploads of our own keys: a bucket (or prefix) may be shared with
+                    # other applications, whose uploads are none of our business.
+                    if parse_key(upload["Key"], self.prefix) is None:
+                        continue
                     if upload["Initiated"].timestamp() < cutoff:
                         stale.append((upload["Key"], upload["UploadId"]))
         for key, upload_id in stale:
