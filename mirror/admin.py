@@ -25,10 +25,11 @@ from prometheus_client import CollectorRegistry
 
 from mirror.config import ConfigError, parse_duration
 from mirror.errors import RegistryError
-from mirror.keys import CONFIG, EVICTOR, INDEX, RESOLVER
+from mirror.keys import CONFIG, EVICTOR, HEALTH, INDEX, RESOLVER
 from mirror.mediatypes import INDEX_TYPES, references
 from mirror.metrics import registry
 from mirror.reference import parse_image
+from mirror.store.health import BackendUnavailable
 from mirror.web.pages import WebPages
 
 MAIN = web.AppKey("main", web.Application)
@@ -219,6 +220,10 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return response
     except RegistryError as exc:
         return exc.response()
+    except BackendUnavailable as exc:
+        # The bucket or the database is down: a pin or purge cannot be done now; say so
+        # (503, Retry-After) rather than fail with a bare 500.
+        return request.app[MAIN][HEALTH].refused(exc).response()
 
 
 def create_admin_app(

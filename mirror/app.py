@@ -89,13 +89,10 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
             raise
         return exc.response()
     except BackendUnavailable as exc:
-        backend = exc.backend
-        health = request.app[HEALTH]
-        if exc.outage:
-            health.failed(backend, exc)
+        refusal = request.app[HEALTH].refused(exc)
         if _started(request):
             raise
-        return health.unavailable(backend).response()
+        return refusal.response()
     except web.HTTPException as exc:
         if exc.status == 405:
             return RegistryError.unsupported().response()

@@ -61,6 +61,13 @@ class BackendHealth:
             headers={"Retry-After": str(RETRY_AFTER)},
         )  # fmt: skip
 
+    def refused(self, error: BackendUnavailable) -> RegistryError:
+        """What a request that met `error` answers: 503 with Retry-After; an outage marks
+        the backend down (an answer such as "object not found" does not)."""
+        if error.outage:
+            self.failed(error.backend, error)
+        return self.unavailable(error.backend)
+
     def check(self) -> None:
         """Raise the 503 a miss gets while a backend is down."""
         if self._down:

@@ -28,7 +28,7 @@ from mirror.store.blobs.local import BlobStore
 from mirror.store.blobs.s3 import ObjectStore, S3Settings
 from mirror.store.index.postgres import PostgresIndex
 from mirror.store.sweep import sweep_bucket
-from tests.conftest import StartMirror
+from tests.conftest import StartAdmin, StartMirror
 from tests.fixtures.backends import Backend
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import big_image, make_image, random_bytes, small_image
@@ -344,3 +344,26 @@ async def test_eviction_under_max_size_deletes_from_the_bucket_and_the_index_ali
     finally:
         await index.close()
         await objects.close()
+
+
+async def test_a_purge_while_the_database_is_down_is_refused_with_503_not_500(
+    hub: FakeHub,
+    start_mirror: StartMirror,
+    start_admin: StartAdmin,
+    http: aiohttp.ClientSession,
+    backend: Backend,
+) -> None:
+    hub.add("team/purge", "v1", small_image("purge"))
+    server = await start_mirror(hub.registry_url)
+    admin = mirror_url(await start_admin(server))
+    await pull(http, mirror_url(server), "team/purge", "v1")
+    await settled(server)
+    assert backend.postgres is not None
+    await asyncio.to_thread(backend.postgres.stop)
+    try:
+        async with http.post(f"{admin}/admin/purge", json={"image": "team/purge:v1"}) as resp:
+            assert resp.status == 503, await resp.text()
+            assert resp.headers["Retry-After"] == "10"
+            assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        await asyncio.to_thread(backend.postgres.start)
