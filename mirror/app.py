@@ -19,6 +19,10 @@ from mirror import __version__
 from mirror.access import AccessTracker
 from mirror.admin import create_admin_app
 from mirror.clientauth import ClientAuth, load_htpasswd
+from mirror.cluster.claims import Claims
+from mirror.cluster.client import PeerClient
+from mirror.cluster.notify import Coherence
+from mirror.cluster.peers import peer_app
 from mirror.config import Config, ConfigError
 from mirror.errors import RegistryError
 from mirror.evict import Evictor
@@ -178,6 +182,15 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         raise
     content.start(index, primary=worker in (None, 0))
     access = AccessTracker(index, content)
+    # Cluster mode (cluster/): claims for cluster-wide single flight and eviction, the peer
+    # client for streaming other replicas' downloads, notifications for coherence.
+    cluster: tuple[Claims, PeerClient] | None = None
+    if config.clustered:
+        assert config.index_url is not None and config.cluster_secret is not None
+        claims = await Claims.open(config.index_url, config.index_password, config.peer_url)
+        cluster = (claims, PeerClient(config.cluster_secret))
+        coherence = Coherence(config.index_url, config.index_password, shared)
+        await coherence.start()
     webhooks = Webhooks(config.webhooks)
     events = webhooks.emit
     evictor = Evictor(
@@ -185,6 +198,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         {name: reg.tag_ttl for name, reg in config.registries.items()}, config.max_age,
         shared=shared, primary=worker in (None, 0), events=events,
         index_shared=config.index_url is not None,
+        claims=cluster[0] if cluster is not None else None,
     )  # fmt: skip
     CACHE_MAX_BYTES.set(config.max_size)
     await evictor.start()
@@ -211,9 +225,12 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         {content.name: content.ping, "postgresql" if config.index_url else "sqlite": index.ping}
     )
     fetcher = BlobFetcher(
-        content, index, clients, missing, evictor, config.max_upstream_fetches, health
+        content, index, clients, missing, evictor, config.max_upstream_fetches, health, cluster
     )
-    resolver = ManifestResolver(index, content, clients, missing, evictor, shared, events=events)
+    resolver = ManifestResolver(
+        index, content, clients, missing, evictor, shared, events=events,
+        claims=cluster[0] if cluster is not None else None,
+    )  # fmt: skip
     traffic = TrafficRecorder(index)
     tag_lists = TagLists(clients)
     referrers = ReferrerLists(clients, resolver)
@@ -265,6 +282,10 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
             await client.close()
         await session.close()
         await health.close()
+        if cluster is not None:
+            await coherence.close()
+            await cluster[1].close()
+            await cluster[0].close()
         await content.close()
         await index.close()
         shared.close()
@@ -318,14 +339,19 @@ async def run(
         main_sockets = bind(
             config.listen_host, config.listen_port, "listen", reuse_port=worker is not None
         )
+        peer_sockets: list[socket.socket] = []
+        if config.peer_host is not None and config.peer_port is not None:
+            peer_sockets = bind(
+                config.peer_host, config.peer_port, "peer_listen", reuse_port=worker is not None
+            )
     except ListenError:
-        for sock in admin_sockets:
+        for sock in admin_sockets + main_sockets:
             sock.close()
         raise
     try:
         app = await create_app(config, worker)
     except BaseException:
-        for sock in admin_sockets + main_sockets:
+        for sock in admin_sockets + main_sockets + peer_sockets:
             sock.close()
         raise
     BUILD_INFO.labels(__version__).set(1)
@@ -337,12 +363,23 @@ async def run(
     )
     admin_runner = web.AppRunner(admin_app, access_log=None)
     await admin_runner.setup()
+    peer_runner: web.AppRunner | None = None
+    if peer_sockets:
+        assert config.cluster_secret is not None
+        peer_runner = web.AppRunner(
+            peer_app(config.cluster_secret, app[FETCHER].peek), access_log=None,
+            shutdown_timeout=30,
+        )  # fmt: skip
+        await peer_runner.setup()
     loop = asyncio.get_running_loop()
     listeners: list[asyncio.Server] = []
     try:
         # Admin first: once the registry port answers, everything answers.
         for sock in admin_sockets:
             await web.SockSite(admin_runner, sock).start()
+        for sock in peer_sockets:
+            assert peer_runner is not None
+            await web.SockSite(peer_runner, sock).start()
         # Connections start in the hit path, which hands them to aiohttp (see hitpath.py).
         for sock in main_sockets:
             listeners.append(
@@ -361,4 +398,6 @@ async def run(
         for listener in listeners:
             listener.close()  # no new connections; runner.cleanup drains the open ones
         await admin_runner.cleanup()
+        if peer_runner is not None:
+            await peer_runner.cleanup()
         await runner.cleanup()

@@ -137,6 +137,18 @@ def _parser() -> argparse.ArgumentParser:
         "--local-cache-size", dest="local_cache_size",
         help="with s3 storage: bytes of blobs kept on local disk as a hot tier (10GiB)",
     )  # fmt: skip
+    serve.add_argument(
+        "--peer-listen", dest="peer_listen",
+        help="cluster mode: HOST:PORT of the endpoint other replicas stream downloads from",
+    )  # fmt: skip
+    serve.add_argument(
+        "--peer-url", dest="peer_url",
+        help="cluster mode: the URL other replicas reach --peer-listen by",
+    )  # fmt: skip
+    serve.add_argument(
+        "--cluster-secret-file", dest="cluster_secret_file",
+        help="cluster mode: the replicas' shared secret (or MIRROR_CLUSTER_SECRET)",
+    )  # fmt: skip
     serve.add_argument(WORKER_FLAG, dest="worker", help=argparse.SUPPRESS)  # set by the supervisor
     serve.add_argument("--config", help="TOML configuration file (same keys)")
     serve.add_argument(
@@ -159,6 +171,7 @@ _CONFIG_FLAGS = (
     "workers", "auth_htpasswd", "anonymous_pull", "max_upstream_fetches", "upstream_read_timeout",
     "web_ui", "webhooks", "storage", "s3_endpoint", "s3_region", "s3_path_style",
     "s3_credentials_file", "s3_redirect", "index", "index_password_file", "local_cache_size",
+    "peer_listen", "peer_url", "cluster_secret_file",
 )  # fmt: skip
 
 

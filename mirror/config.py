@@ -163,6 +163,16 @@ class Config:
     index_url: str | None = field(default=None, repr=False)
     index_password: str | None = field(default=None, repr=False)
     local_cache_size: int = 10 * 1024**3  # with s3: the hot tier of blobs kept on local disk
+    # Cluster mode (cluster/): the peer endpoint's address, the URL other replicas reach it
+    # by, and the secret they share. None: a replica on its own.
+    peer_host: str | None = None
+    peer_port: int | None = None
+    peer_url: str | None = None
+    cluster_secret: str | None = field(default=None, repr=False)
+
+    @property
+    def clustered(self) -> bool:
+        return self.peer_port is not None
 
     @property
     def index_label(self) -> str:
@@ -210,6 +220,9 @@ _SOURCES = {
     "index": ("MIRROR_INDEX", "index"),
     "index_password_file": ("MIRROR_INDEX_PASSWORD_FILE", "index_password_file"),
     "local_cache_size": ("MIRROR_LOCAL_CACHE_SIZE", "local_cache_size"),
+    "peer_listen": ("MIRROR_PEER_LISTEN", "peer_listen"),
+    "peer_url": ("MIRROR_PEER_URL", "peer_url"),
+    "cluster_secret_file": ("MIRROR_CLUSTER_SECRET_FILE", "cluster_secret_file"),
 }
 _DEFAULTS: dict[str, Any] = {
     "listen": DEFAULT_LISTEN,
@@ -241,6 +254,9 @@ _DEFAULTS: dict[str, Any] = {
     "index": "sqlite",
     "index_password_file": None,
     "local_cache_size": "10GiB",
+    "peer_listen": None,
+    "peer_url": None,
+    "cluster_secret_file": None,
 }
 
 
@@ -453,6 +469,37 @@ def parse_index(value: object) -> str | None:
     return text
 
 
+def parse_peer(
+    listen: object, url: object, secret_file: object, env: Mapping[str, str]
+) -> dict[str, Any]:
+    """Cluster mode's settings: `peer_listen` (HOST:PORT), `peer_url` (how the other
+    replicas reach it; default http://HOST:PORT, which needs a HOST other than 0.0.0.0) and the
+    shared secret (`cluster_secret_file`, or MIRROR_CLUSTER_SECRET), as Config fields."""
+    if not listen:
+        if url:
+            raise ConfigError("peer_url: needs peer_listen")
+        return {}
+    host, port = parse_listen(str(listen), "peer_listen")
+    if url:
+        advertised = parse_upstream_url(str(url), "peer_url")
+    elif host in ("0.0.0.0", "::"):
+        raise ConfigError(
+            "peer_url: say how other replicas reach this one, e.g. http://10.0.0.5:5002"
+        )
+    else:
+        advertised = f"http://{host}:{port}"
+    if secret_file:
+        secret = _read_secret_file(str(secret_file), "cluster_secret_file")
+    else:
+        secret = env.get("MIRROR_CLUSTER_SECRET", "")
+    if len(secret) < 16:
+        raise ConfigError(
+            "cluster_secret_file: a shared secret of at least 16 characters is required in "
+            "cluster mode (or MIRROR_CLUSTER_SECRET)"
+        )
+    return {"peer_host": host, "peer_port": port, "peer_url": advertised, "cluster_secret": secret}
+
+
 def load_config(
     flags: Mapping[str, Any], env: Mapping[str, str], config_file: str | None = None
 ) -> Config:
@@ -516,6 +563,7 @@ def load_config(
         index_password = _read_secret_file(str(pick("index_password_file")), "index_password_file")
     elif env.get("MIRROR_INDEX_PASSWORD"):
         index_password = env["MIRROR_INDEX_PASSWORD"]
+    peer = parse_peer(pick("peer_listen"), pick("peer_url"), pick("cluster_secret_file"), env)
     local_cache_size = parse_size(pick("local_cache_size"), "local_cache_size")
     if local_cache_size < 0:
         raise ConfigError("local_cache_size: must not be negative")
@@ -569,7 +617,13 @@ def load_config(
         index_url=parse_index(pick("index")),
         index_password=index_password,
         local_cache_size=local_cache_size,
+        **peer,
     )
+    if config.clustered and (config.s3 is None or config.index_url is None):
+        raise ConfigError(
+            'peer_listen: cluster mode needs shared storage: storage = "s3://..." and '
+            'index = "postgresql://..."'
+        )
     passthrough = [r.name for r in config.registries.values() if r.private == "passthrough"]
     if config.auth_htpasswd and passthrough:
         # A client sends one set of credentials: the mirror's own users, or the upstream's.

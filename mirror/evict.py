@@ -26,12 +26,14 @@ usage account, and a pass may follow when the files it finds push the cache over
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from mirror.access import AccessTracker
+from mirror.cluster.claims import Claims
 from mirror.metrics import CACHE_BLOBS, CACHE_BYTES, CACHE_MANIFESTS, EVICTED_BYTES, EVICTIONS
 from mirror.recovery import ReconcileTask, RecoveryReport, pending
 from mirror.shared import POLL, FileLock, SharedState
@@ -68,8 +70,10 @@ class Evictor:
         primary: bool = True,
         events: EventSink = ignore_event,
         index_shared: bool = False,
+        claims: Claims | None = None,
     ) -> None:
         self._events = events
+        self._claims = claims
         # Other replicas commit to this index (PostgreSQL): this machine's account of usage
         # misses their bytes, so it is set again from the index (see _resync_usage).
         self._index_shared = index_shared
@@ -173,7 +177,7 @@ class Evictor:
         total = Evicted(0, 0)
         try:
             while self._over_high():
-                async with self._lock.hold():
+                async with self._exclusive():
                     done = await self._evict(self._over_low)
                 total = Evicted(total.count + done.count, total.bytes + done.bytes)
                 if not done.count:
@@ -190,15 +194,27 @@ class Evictor:
 
     async def expire(self, unused_for: float) -> Evicted:
         """Evict everything not used for `unused_for` seconds (pins and fresh tags excepted)."""
-        async with self._lock.hold():
+        async with self._exclusive():
             return await self._evict(
                 lambda _usage: True, unused_before=time.time() - unused_for, reason="max_age"
             )
 
     async def remove(self, digests: list[tuple[str, int]]) -> Evicted:
         """Delete these blobs now (purge), whatever their age."""
-        async with self._lock.hold():
+        async with self._exclusive():
             return await self._delete(digests, "purge")
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """One eviction pass at a time: on this machine (a file lock across its workers) and,
+        in a cluster, across replicas (a claim, cluster/claims.py), so two replicas never
+        both evict to the low watermark for the same excess."""
+        async with self._lock.hold():
+            if self._claims is None:
+                yield
+                return
+            async with self._claims.exclusive("evict"):
+                yield
 
     def forgotten(self) -> None:
         """Index rows were removed without content (a purged tag): every worker drops its

@@ -25,12 +25,14 @@ import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import aiohttp
 
+from mirror.cluster.claims import Claims
+from mirror.cluster.client import PeerClient
 from mirror.errors import RegistryError
 from mirror.evict import Evictor
 from mirror.metrics import (
@@ -58,6 +60,9 @@ CDN_EXPIRED = {403, 404, 410}  # a signed CDN URL that expired: ask the registry
 FOLLOW_POLL = 0.005  # seconds between looks at another worker's download
 RELAY_WINDOW = 64 * 1024 * 1024  # bytes kept in memory for readers once the disk is full
 DRAIN = 30.0  # seconds a verified download may take to be stored once shutdown begins
+STALE_WAIT = 10.0  # seconds a follower waits for a broken claimant's claim to go stale
+RETAKE_POLL = 0.5  # seconds between its attempts to take it over
+MAX_PEER_FAILURES = 3  # broken peer streams in a row without a byte of progress
 QUEUED_HEADERS = 2.0  # seconds a queued download's clients wait before headers come from a HEAD
 
 
@@ -230,6 +235,15 @@ class FollowSource:
             self._file.close()
 
 
+@dataclass(slots=True)
+class ClusterRole:
+    """This replica's part in a blob's cluster-wide single flight; changes on takeover."""
+
+    key: str
+    held: bool
+    peer: str | None  # the claimant's peer endpoint, while following
+
+
 @dataclass(frozen=True, slots=True)
 class Download:
     """One download this worker runs: what its readers follow, the temp file it fills, the
@@ -240,6 +254,9 @@ class Download:
     claim: Claim
     client: RegistryClient
     repository: str
+    # In a cluster: whether this replica holds the blob's claim or follows the claimant's
+    # peer endpoint (cluster/claims.py); None on a single replica.
+    role: ClusterRole | None = None
 
     def parts(self) -> tuple[InflightFetch, BlobWriter, Claim, RegistryClient]:
         return self.fetch, self.writer, self.claim, self.client
@@ -257,8 +274,10 @@ class BlobFetcher:
         evictor: Evictor,
         max_fetches: int = 32,
         health: BackendHealth | None = None,
+        cluster: tuple[Claims, PeerClient] | None = None,
     ) -> None:
         self._health = health
+        self._cluster = cluster
         self._content = content
         self._store = content.files
         # Per registry, first come first served (asyncio.Semaphore wakes waiters in order):
@@ -312,6 +331,28 @@ class BlobFetcher:
         if self._health is not None and digest not in self._inflight:
             self._health.check()  # went down meanwhile: nothing could be stored (health.py)
         return self.join(registry, repository, digest)
+
+    async def peek(self, digest: str) -> BlobSource | None:
+        """For another replica (cluster/peers.py): the blob if this machine has it at hand,
+        downloading (in this worker or another) or as a local file; never starts a download
+        and asks no index: a follower asks the claimant, which has it or has failed."""
+        fetch = self._inflight.get(digest)
+        if fetch is not None:
+            return FollowSource(fetch, "peer")
+        try:
+            f = open(self._store.path(digest), "rb")  # noqa: SIM115 - closed by the caller
+        except FileNotFoundError:
+            pass
+        else:
+            return FileSource(digest, f, "peer")
+        claim = Claim.take(self._store.tmp / f"{digest.replace(':', '-')}.claim")
+        if claim.owner:  # no worker of this machine downloads it
+            claim.close()
+            return None
+        final_path = self._store.path(digest)
+        fetch = InflightFetch(digest, final_path, final_path)
+        self._start(fetch, self._follow(fetch, claim))
+        return FollowSource(fetch, "peer")
 
     async def stream_uncached(
         self, registry: str, repository: str, digest: str
@@ -474,9 +515,16 @@ class BlobFetcher:
             try:
                 async with self._slots[client.registry.name]:
                     announce.cancel()
+                    if self._cluster is not None:
+                        download = replace(download, role=await self._take(fetch.digest))
+                    if download.role is None or download.role.held:
+                        writer.begin_upload()
                     media_type = await self._download(download)
             finally:
                 announce.cancel()
+            if download.role is not None and not download.role.held:
+                await self._followed(download)
+                return
             # Clients get their last byte once the bytes are proven right, not once they are
             # durable: fsync of a large layer can take longer than its download.
             writer.verify()
@@ -552,6 +600,61 @@ class BlobFetcher:
             claim.close()  # followers see the final file, or the error noted above
             self._inflight.pop(fetch.digest, None)
             INFLIGHT_FETCHES.dec()
+            if download.role is not None and download.role.held and self._cluster is not None:
+                with contextlib.suppress(BackendUnavailable):
+                    await self._cluster[0].release(download.role.key)
+
+    async def _take(self, digest: str) -> ClusterRole:
+        """Claim the blob cluster-wide, or learn which replica downloads it (claims.py)."""
+        assert self._cluster is not None
+        claims = self._cluster[0]
+        key = f"blob:{digest}"
+        holder = await claims.take(key, claims.peer)
+        if holder.owner == claims.owner:
+            return ClusterRole(key, True, None)
+        return ClusterRole(key, False, holder.peer)
+
+    async def _retake(self, download: Download, failed: BaseException) -> None:
+        """The claimant's stream broke: take the claim over once it is stale (the claimant
+        died), or follow whoever holds it now; resuming from the bytes already here."""
+        assert self._cluster is not None and download.role is not None
+        claims = self._cluster[0]
+        role = download.role
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STALE_WAIT
+        while True:
+            holder = await claims.take(role.key, claims.peer)
+            if holder.owner == claims.owner:
+                log.warning(
+                    "blob %s: took the download over from %s at %d bytes (%s)",
+                    download.fetch.digest, role.peer, download.writer.received, failed,
+                )  # fmt: skip
+                role.held, role.peer = True, None
+                download.writer.begin_upload()
+                return
+            if holder.peer != role.peer or loop.time() > deadline:
+                role.peer = holder.peer
+                return
+            await asyncio.sleep(RETAKE_POLL)
+
+    async def _followed(self, download: Download) -> None:
+        """The end of a download streamed from the claimant: verified here too, kept as a hot
+        copy; the claimant uploads and indexes it (a follower never does: its row could
+        come before the object)."""
+        fetch, writer = download.fetch, download.writer
+        try:
+            writer.verify()
+            fetch.verified_whole()
+            final_path = await writer.commit_local()
+            fetch.succeeded(final_path)
+        except DigestMismatch as exc:
+            DIGEST_MISMATCHES.inc()
+            log.error("blob %s from a peer: %s; discarded", fetch.digest, exc)
+            writer.discard()
+            fetch.failed(exc)
+        except OSError as exc:  # the local copy only: the readers had every byte
+            self._store.note_if_full(exc)
+            writer.discard()
 
     async def _announce_while_queued(self, download: Download) -> None:
         """A download waiting for a slot (`max_upstream_fetches`) for QUEUED_HEADERS seconds
@@ -578,11 +681,20 @@ class BlobFetcher:
         repository = download.repository
         media_type: str | None = None
         failures = 0
+        peer_failures, peer_progress = 0, -1
         while True:
             headers = {"Range": f"bytes={writer.received}-"} if writer.received else {}
+            role = download.role
+            from_peer = role is not None and not role.held and role.peer is not None
             try:
-                resp = await client.request("GET", repository, f"blobs/{fetch.digest}", headers)
+                if from_peer:
+                    assert role is not None and role.peer is not None and self._cluster
+                    resp = await self._cluster[1].get(role.peer, fetch.digest, headers)
+                else:
+                    resp = await client.request("GET", repository, f"blobs/{fetch.digest}", headers)
                 async with resp:
+                    if from_peer and resp.status not in (200, 206):
+                        raise ConnectionError(f"peer answered {resp.status}")
                     if resp.status not in (200, 206):
                         error = await upstream_error(resp, "blob", fetch.digest)
                         from_cdn = not client.is_registry_host(str(resp.url))
@@ -621,6 +733,18 @@ class BlobFetcher:
                     return media_type
                 raise ConnectionError("upstream body ended early")
             except (*TRANSIENT_ERRORS, ConnectionError) as exc:
+                if from_peer:
+                    # Not a failure of the upstream's: take over, or follow again. A claimant
+                    # alive but unreachable (a wrong secret, a network split) costs the
+                    # clients a 503 after a few tries, not a wait without end.
+                    peer_failures = 0 if writer.received > peer_progress else peer_failures + 1
+                    peer_progress = writer.received
+                    if peer_failures > MAX_PEER_FAILURES:
+                        raise RegistryError.unavailable(
+                            "the replica downloading this blob cannot be reached"
+                        ) from exc
+                    await self._retake(download, exc)
+                    continue
                 failures += 1
                 UPSTREAM_RESUMES.inc()
                 if failures > MAX_RESUMES:

@@ -14,15 +14,17 @@ deletes moves the shared generation, and every worker drops its caches when it s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import aiohttp
 from cachetools import LRUCache
 
+from mirror.cluster.claims import Claims
 from mirror.errors import RegistryError
 from mirror.evict import Evictor
 from mirror.mediatypes import (
@@ -81,7 +83,9 @@ class ManifestResolver:
         shared: SharedState,
         clock: Callable[[], float] = time.time,
         events: EventSink = ignore_event,
+        claims: Claims | None = None,
     ) -> None:
+        self._claims = claims
         self._index = index
         self._events = events
         self._shared = shared
@@ -207,6 +211,11 @@ class ManifestResolver:
         await self._index.set_tag(registry, repository, tag, digest, now)
         self._fresh[(registry, repository, tag)] = (digest, now)
         if previous is not None and previous.digest != digest:
+            # Other workers and replicas may hold the old mapping in memory until its TTL:
+            # they drop their memory caches now (and this worker: the line above stays).
+            self._shared.content_removed()
+            self._generation = self._shared.generation
+            self._fresh[(registry, repository, tag)] = (digest, now)
             self._events(
                 "tag.updated",
                 {"registry": registry, "repository": repository, "tag": tag,
@@ -227,10 +236,20 @@ class ManifestResolver:
             lambda: self._locked_fetch(registry, repository, digest, accept, asked),
         )
 
-    def _lock(self, registry: str, repository: str, reference: str) -> Any:
-        """The cross-worker lock for one upstream manifest exchange."""
-        key = hashlib.sha256(f"{registry}/{repository}:{reference}".encode()).hexdigest()[:40]
-        return keyed_lock(self._store.tmp, f"manifest-{key}")
+    @contextlib.asynccontextmanager
+    async def _lock(self, registry: str, repository: str, reference: str) -> AsyncIterator[None]:
+        """The lock for one upstream manifest exchange: across this machine's workers (a
+        file), and in a cluster across replicas (a claim): whoever waited then finds what the
+        holder stored, so upstream sees one request for a tag or digest however many replicas
+        were asked at once."""
+        name = f"{registry}/{repository}:{reference}"
+        key = hashlib.sha256(name.encode()).hexdigest()[:40]
+        async with keyed_lock(self._store.tmp, f"manifest-{key}"):
+            if self._claims is None:
+                yield
+                return
+            async with self._claims.exclusive(f"manifest:{name}"):
+                yield
 
     async def _locked_fetch(
         self, registry: str, repository: str, digest: str, accept: str, asked: str | None

@@ -20,7 +20,7 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,7 @@ class SharedState:
         if os.fstat(self._fd).st_size < _LAYOUT.size:
             os.ftruncate(self._fd, _LAYOUT.size)
         self._map = mmap.mmap(self._fd, _LAYOUT.size)
+        self._hooks: list[Callable[[], None]] = []
 
     def close(self) -> None:
         self._map.close()
@@ -217,4 +218,15 @@ class SharedState:
         self._update(usage=value)
 
     def content_removed(self) -> None:
+        """Content or a tag mapping went (eviction, purge, a tag that moved): every worker's
+        memory caches are stale. Hooks (cluster/notify.py) tell the other replicas."""
         self._update(bump=1)
+        for hook in self._hooks:
+            hook()
+
+    def changed_elsewhere(self) -> None:
+        """Another replica removed or moved something: drop memory caches, tell nobody."""
+        self._update(bump=1)
+
+    def on_change(self, hook: Callable[[], None]) -> None:
+        self._hooks.append(hook)

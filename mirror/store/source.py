@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import BinaryIO, Literal, Protocol
 
 # Where served bytes came from, for the byte counters: "cache" saved an upstream transfer,
-# "upstream" is the download this very request started.
-Origin = Literal["cache", "upstream"]
+# "upstream" is the download this very request started, "peer" went to another replica of a
+# cluster (cluster/peers.py): traffic inside the cluster, neither saved nor fetched.
+Origin = Literal["cache", "upstream", "peer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +62,9 @@ class FileSource:
     """A verified blob on local disk, opened by the caller before any check it must pass, so
     eviction unlinking the name meanwhile cannot take the bytes away."""
 
-    origin: Origin = "cache"
-
-    def __init__(self, digest: str, file: BinaryIO) -> None:
+    def __init__(self, digest: str, file: BinaryIO, origin: Origin = "cache") -> None:
         self.digest = digest
+        self.origin = origin
         self._file = file
         self._size = os.fstat(file.fileno()).st_size
 

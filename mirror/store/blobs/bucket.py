@@ -54,14 +54,20 @@ def _read_part(path: Path, offset: int, count: int) -> bytes:
 
 
 class UploadingWriter(BlobWriter):
-    """A download's temp file, uploaded to the bucket as it grows (see module docstring)."""
+    """A download's temp file, uploaded to the bucket as it grows (see module docstring),
+    from `begin_upload` on: in a cluster, only the replica holding the blob's claim uploads."""
 
     def __init__(self, files: BlobStore, digest: str, content: BucketContent) -> None:
         super().__init__(files, digest)
         self._content = content
         self._grew = asyncio.Event()
         self._finished = False
-        self._task = content.own(self._upload())
+        self._task: asyncio.Task[None] | None = None
+
+    def begin_upload(self) -> None:
+        """Start the upload (from the start of the file, whatever was written already)."""
+        if self._task is None:
+            self._task = self._content.own(self._upload())
 
     def write(self, chunk: bytes) -> bytes:
         rest = super().write(chunk)
@@ -103,13 +109,16 @@ class UploadingWriter(BlobWriter):
             raise OSError(28, "disk full: not all of it reached the file")
         self._finished = True
         self._grew.set()
+        self.begin_upload()
+        assert self._task is not None
         await asyncio.shield(self._task)
         path = await super().commit()
         self._content.hot.added(self.received)
         return path
 
     def discard(self) -> None:
-        self._task.cancel()  # aborts the upload (its task is owned by the content store)
+        if self._task is not None:
+            self._task.cancel()  # aborts the upload (its task is owned by the content store)
         super().discard()
 
 

@@ -212,6 +212,16 @@ class BlobWriter:
         a full disk while its reader still needs the digest checked)."""
         return self._hash.copy()
 
+    def begin_upload(self) -> None:
+        """Start sending the bytes to where the engine keeps them for good, if that is not
+        this file (bucket.py); called once this process is the one to store the blob."""
+        return None
+
+    async def commit_local(self) -> Path:
+        """Verify and keep as a local file only, whatever the engine: a copy of a blob that
+        another replica stores (a cluster follower's)."""
+        return await BlobWriter.commit(self)
+
     def actual_digest(self) -> str:
         return f"{self._hash.name}:{self._hash.hexdigest()}"
 

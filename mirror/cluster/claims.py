@@ -1,0 +1,157 @@
+"""Cluster-wide single flight: claims in PostgreSQL, rows with heartbeats.
+
+Whatever replica first claims a key (`blob:<digest>`, `manifest:<registry>/<repo>:<ref>`)
+does the upstream work; every other replica that wants it meanwhile follows the claimant (for
+a blob: streams it from the claimant's peer endpoint, peers.py; for a manifest: waits, then
+reads what the claimant stored). A claim is a row naming its owner (one process of one
+replica) and where followers reach it; the owner refreshes the heartbeat of all its rows
+every HEARTBEAT seconds with one statement. A row whose heartbeat is older than STALE seconds
+belongs to a dead or cut-off process and is taken over by the next replica that asks: a
+replica killed mid-download is replaced within a few seconds, and nothing is ever held by a
+process that no longer exists. Times are the database's own clock, so replicas' clocks may
+differ.
+
+The table is created by the index's migrations (store/index/postgres.py, version 3).
+
+Rows rather than advisory locks: a session lock needs its connection held for the whole
+download (one per download in flight, per replica), and its owner cannot be read by the
+others, who need to know where to stream from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from mirror.metrics import BACKEND_DURATION, BACKEND_ERRORS
+from mirror.store.index.postgres import (
+    CONNECT_TIMEOUT,
+    DATABASE_ERRORS,
+    PostgresIndexError,
+    redacted,
+    secrets_of,
+)
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = 1.0  # seconds between refreshes of this process's claims
+STALE = 3.5  # seconds without a heartbeat after which a claim is taken over
+WAIT_POLL = 0.05  # seconds between looks at a claim someone else holds (manifests)
+TIMEOUT = 5.0  # seconds for one claim statement
+
+
+_NOW = "extract(epoch from clock_timestamp())"
+_TAKE = f"""
+INSERT INTO claims (key, owner, peer, heartbeat) VALUES ($1, $2, $3, {_NOW})
+ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, peer = EXCLUDED.peer,
+    heartbeat = EXCLUDED.heartbeat
+WHERE claims.heartbeat < {_NOW} - $4 OR claims.owner = EXCLUDED.owner
+RETURNING owner
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a claim: its owner and where its followers reach it (None for manifests)."""
+
+    owner: str
+    peer: str | None
+
+
+class Claims:
+    """This process's side of the claims table: take, follow, refresh, release."""
+
+    def __init__(self, pool: Any, owner: str, peer: str | None, hidden: tuple[str, ...]) -> None:
+        self._pool = pool
+        self.owner = owner  # unique per process and start
+        self.peer = peer  # this replica's peer endpoint, for followers of its downloads
+        self._hidden = hidden
+        self._held: set[str] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, dsn: str, password: str | None, peer: str | None) -> Claims:
+        hidden = secrets_of(dsn, password)
+        try:
+            pool = await asyncpg.create_pool(
+                dsn, password=password, min_size=1, max_size=4, timeout=CONNECT_TIMEOUT,
+                command_timeout=TIMEOUT,
+            )  # fmt: skip
+        except DATABASE_ERRORS as exc:
+            error = redacted(exc, hidden, TIMEOUT)
+        else:
+            claims = cls(pool, f"{secrets.token_hex(8)}", peer, hidden)
+            claims._heartbeat = asyncio.create_task(claims._beat())
+            return claims
+        raise error
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        with contextlib.suppress(*DATABASE_ERRORS, PostgresIndexError):
+            await self._run("release_all", "DELETE FROM claims WHERE owner = $1", self.owner)
+        await self._pool.close()
+
+    async def _run(self, operation: str, query: str, *args: object) -> Any:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            return await self._pool.fetch(query, *args, timeout=TIMEOUT)
+        except DATABASE_ERRORS as exc:
+            BACKEND_ERRORS.labels("postgresql", f"claims.{operation}").inc()
+            error = redacted(exc, self._hidden, TIMEOUT)
+        finally:
+            BACKEND_DURATION.labels("postgresql", f"claims.{operation}").observe(
+                loop.time() - started
+            )
+        raise error
+
+    async def take(self, key: str, peer: str | None = None) -> Holder:
+        """Claim `key`, or learn who holds it. The answer names this process as owner when
+        the claim is ours now (new, taken over from a stale holder, or already ours)."""
+        rows = await self._run("take", _TAKE, key, self.owner, peer, STALE)
+        if rows:
+            self._held.add(key)
+            return Holder(self.owner, peer)
+        rows = await self._run("holder", "SELECT owner, peer FROM claims WHERE key = $1", key)
+        if not rows:  # released between the two statements: try again
+            return await self.take(key, peer)
+        return Holder(str(rows[0]["owner"]), rows[0]["peer"])
+
+    async def release(self, key: str) -> None:
+        self._held.discard(key)
+        await self._run(
+            "release", "DELETE FROM claims WHERE key = $1 AND owner = $2", key, self.owner
+        )
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, key: str) -> AsyncIterator[None]:
+        """Hold `key` for the block, waiting while another live process holds it."""
+        while (await self.take(key)).owner != self.owner:
+            await asyncio.sleep(WAIT_POLL)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(PostgresIndexError):
+                await self.release(key)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            if not self._held:
+                continue
+            try:
+                await self._run(
+                    "heartbeat", f"UPDATE claims SET heartbeat = {_NOW} WHERE owner = $1",
+                    self.owner,
+                )  # fmt: skip
+            except PostgresIndexError as exc:
+                log.warning("claims heartbeat failed: %s", exc)
