@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -243,6 +244,71 @@ async def test_two_handles_forgetting_the_same_blobs_count_them_once(
     freed = await asyncio.gather(a.forget_blobs(batch), b.forget_blobs(batch[::-1]))
     assert sum(freed) == sum(range(1, 51)) and sorted(freed)[0] == 0
     assert await b.usage() == (0, 0, 0)
+
+
+async def test_usage_is_exact_after_handles_add_and_forget_at_once(
+    open_index: OpenIndex,
+) -> None:
+    """The totals `usage()` reads are kept with each write, not summed: blobs added twice,
+    forgotten twice and forgotten before they were added, from two handles at once, must
+    leave them equal to the rows that remain."""
+    a, b = await open_index(), await open_index()
+    sizes = {d(n): n * 1000 for n in range(1, 201)}
+    await asyncio.gather(*(i.add_blob(x, size, None) for x, size in sizes.items() for i in (a, b)))
+    gone = [d(n) for n in range(1, 201, 3)]
+    await asyncio.gather(
+        a.forget_blobs(gone), b.forget_blobs(gone[::-1]),
+        *(i.add_blob(d(n), 7, None) for n in range(300, 340) for i in (b, a)),
+        a.forget_blobs([d(n) for n in range(320, 400)]),
+    )  # fmt: skip
+    remaining = await a.all_blobs()
+    assert len(remaining) < 200 + 40
+    assert await b.usage() == (sum(remaining.values()), len(remaining), 0)
+
+
+async def test_an_index_made_before_usage_totals_counts_its_blobs_once(
+    pg_server: PostgresServer, pg_dsn: str, tmp_path: Path
+) -> None:
+    """An index of the previous schema (no totals) opens with totals equal to its rows."""
+    for engine in ("sqlite", "postgres"):
+        index = await _previous_schema_with_blobs(
+            engine, tmp_path / "index.db", pg_server, pg_dsn, {d(1): 5, d(2): 7}
+        )
+        try:
+            assert await index.usage() == (12, 2, 0)
+            await index.add_blob(d(3), 30, None)
+            assert await index.forget_blobs([d(1)]) == 5
+            assert await index.usage() == (37, 2, 0)
+        finally:
+            await index.close()
+
+
+async def _previous_schema_with_blobs(
+    engine: str, path: Path, server: PostgresServer, dsn: str, blobs: dict[str, int]
+) -> Index:
+    rows = [(x, size, None, 1.0, 1.0) for x, size in blobs.items()]
+    if engine == "sqlite":
+        await (await SqliteIndex.open(path)).close()
+        db = sqlite3.connect(path)
+        db.executescript(
+            "DROP TRIGGER usage_on_insert; DROP TRIGGER usage_on_delete; "
+            "DROP TABLE usage_totals; PRAGMA user_version=2;"
+        )
+        db.executemany("INSERT INTO blobs VALUES (?, ?, ?, ?, ?)", rows)
+        db.commit()
+        db.close()
+        return await SqliteIndex.open(path)
+    conn = await asyncpg.connect(dsn, password=server.password, timeout=10)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL); INSERT INTO schema_migrations VALUES (1, now());"
+        )
+        await conn.execute(MIGRATIONS[0])
+        await conn.executemany("INSERT INTO blobs VALUES ($1, $2, $3, $4, $5)", rows)
+    finally:
+        await conn.close()
+    return await PostgresIndex.open(dsn, password=server.password)
 
 
 async def test_blobs_in_range_compares_digests_in_byte_order(index: Index) -> None:

@@ -103,6 +103,50 @@ MIGRATIONS: tuple[str, ...] = (
         misses          bigint NOT NULL DEFAULT 0
     );
     """,
+    # 2: bytes and rows of `blobs` kept by statement triggers, in 16 rows (slots): `usage()`
+    # is read before each reservation with a shared index, and a SUM over a million rows is a
+    # scan each time. A transaction adds to the slot of its connection (backend pid modulo the
+    # slots), so replicas committing at once seldom wait on the same row; `usage()` sums the
+    # slots. Writers are locked out while the first totals are counted, so none is missed.
+    """
+    LOCK TABLE blobs IN SHARE MODE;
+    CREATE TABLE usage_totals (
+        slot    integer PRIMARY KEY,
+        bytes   bigint NOT NULL,
+        blobs   bigint NOT NULL
+    );
+    INSERT INTO usage_totals (slot, bytes, blobs)
+        SELECT 0, COALESCE(SUM(size), 0), COUNT(*) FROM blobs;
+    INSERT INTO usage_totals (slot, bytes, blobs) SELECT s, 0, 0 FROM generate_series(1, 15) s;
+    CREATE FUNCTION usage_on_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE usage_totals u SET bytes = u.bytes + a.bytes, blobs = u.blobs + a.blobs
+        FROM (SELECT COALESCE(SUM(size), 0) AS bytes, COUNT(*) AS blobs FROM added) a
+        WHERE u.slot = pg_backend_pid() % 16 AND a.blobs > 0;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION usage_on_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE usage_totals u SET bytes = u.bytes - r.bytes, blobs = u.blobs - r.blobs
+        FROM (SELECT COALESCE(SUM(size), 0) AS bytes, COUNT(*) AS blobs FROM removed) r
+        WHERE u.slot = pg_backend_pid() % 16 AND r.blobs > 0;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER usage_on_insert AFTER INSERT ON blobs REFERENCING NEW TABLE AS added
+        FOR EACH STATEMENT EXECUTE FUNCTION usage_on_insert();
+    CREATE TRIGGER usage_on_delete AFTER DELETE ON blobs REFERENCING OLD TABLE AS removed
+        FOR EACH STATEMENT EXECUTE FUNCTION usage_on_delete();
+    """,
+    # 3: cluster-wide single flight (cluster/claims.py): who downloads what, and where from.
+    """
+    CREATE TABLE claims (
+        key         text COLLATE "C" PRIMARY KEY,
+        owner       text NOT NULL,
+        peer        text,
+        heartbeat   double precision NOT NULL
+    );
+    CREATE INDEX claims_by_owner ON claims (owner);
+    """,
 )
 
 # What else names a blob by digest, cleared with its row.
@@ -464,8 +508,8 @@ class PostgresIndex:
     async def usage(self) -> tuple[int, int, int]:
         """Bytes indexed, blob count (manifests included), distinct manifests."""
         row = await self._fetchrow(
-            "SELECT COALESCE(SUM(size), 0), COUNT(*), "
-            "(SELECT COUNT(DISTINCT digest) FROM manifests) FROM blobs"
+            "SELECT COALESCE(SUM(bytes), 0), COALESCE(SUM(blobs), 0), "
+            "(SELECT COUNT(DISTINCT digest) FROM manifests) FROM usage_totals"
         )
         return int(row[0]), int(row[1]), int(row[2])
 
@@ -750,3 +794,9 @@ def _like(text: str) -> str:
     """A LIKE pattern matching `text` anywhere, its own % and _ taken literally."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
+
+
+# The cluster's own connections (cluster/claims.py) fail and are retold the same way.
+DATABASE_ERRORS = _DATABASE_ERRORS
+redacted = _redacted
+secrets_of = _secrets
