@@ -70,14 +70,24 @@ class InflightFetch:
     """The observable state of one download, shared by all its readers."""
 
     def __init__(
-        self, digest: str, path: Path, final_path: Path, origin: tuple[str, str] | None = None
+        self,
+        digest: str,
+        path: Path,
+        final_path: Path,
+        origin: tuple[str, str] | None = None,
+        pending_origin: bool = False,
     ) -> None:
         self.digest = digest
         self.path = path  # the temp file; switches to the final path at commit
         self.final_path = final_path
         # (registry, repository) the upstream is sending it for; None when following another
-        # worker's download. Readers for any other repository must be confirmed first.
+        # worker's download, or another replica's (cluster): then the upstream was never
+        # asked as any repository of this machine's clients. Readers for any other repository
+        # must be confirmed first. In a cluster it is known once the claim was taken.
         self.origin = origin
+        self._origin_known = asyncio.Event()
+        if not pending_origin:
+            self._origin_known.set()
         self.size: int | None = None
         self.received = 0
         self.verified = False
@@ -126,8 +136,18 @@ class InflightFetch:
         self.path = final_path
         self.verified_whole()
 
+    def origin_decided(self, origin: tuple[str, str] | None) -> None:
+        self.origin = origin
+        self._origin_known.set()
+
+    async def origin_known(self) -> tuple[str, str] | None:
+        """The repository the upstream was asked as, once that is decided (see __init__)."""
+        await self._origin_known.wait()
+        return self.origin
+
     def failed(self, error: BaseException) -> None:
         self.error = error
+        self._origin_known.set()
         if not self._started.done():
             self._started.set_exception(error)
             self._started.exception()  # mark retrieved: a fetch nobody awaits must not warn
@@ -421,7 +441,10 @@ class BlobFetcher:
             return fetch, True
         writer = self._content.writer(digest)
         claim.note(temp=writer.temp_path.name)
-        fetch = InflightFetch(digest, writer.temp_path, final_path, (registry, repository))
+        fetch = InflightFetch(
+            digest, writer.temp_path, final_path, (registry, repository),
+            pending_origin=self._cluster is not None,
+        )  # fmt: skip
         INFLIGHT_FETCHES.inc()
         self._start(
             fetch, self._run(Download(fetch, writer, claim, self._clients[registry], repository))
@@ -513,10 +536,16 @@ class BlobFetcher:
         announce = asyncio.create_task(self._announce_while_queued(download))
         try:
             try:
+                if self._cluster is not None:
+                    # Claimed before queueing for a slot: the origin must be known for this
+                    # replica's clients to be let in (handlers.blob) while it waits.
+                    role = await self._take(fetch.digest)
+                    download = replace(download, role=role)
+                    # A follower's bytes were asked of the upstream as another replica's
+                    # client's repository, maybe not this one's: its clients are checked.
+                    fetch.origin_decided(fetch.origin if role.held else None)
                 async with self._slots[client.registry.name]:
                     announce.cancel()
-                    if self._cluster is not None:
-                        download = replace(download, role=await self._take(fetch.digest))
                     if download.role is None or download.role.held:
                         writer.begin_upload()
                     media_type = await self._download(download)

@@ -122,7 +122,7 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
                 request.app[ACCESS].touch(digest)
                 return await send_blob(request, found)
         fetch, joined = found
-        if fetch.origin == (registry, repository):
+        if await fetch.origin_known() == (registry, repository):
             break
         await membership.check(registry, repository, digest, grant)
         # A download for another repository can be refused for that repository (it does not

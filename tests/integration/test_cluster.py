@@ -152,9 +152,9 @@ async def test_concurrent_cold_pulls_on_every_replica_cross_the_upstream_once(
         # A replica with an empty disk (a new pod, or one restarted on a fresh volume).
         hub.reset_log()
         secret = tmp_path / "cluster-secret"
-        async with replica(backend, hub, tmp_path / "fresh", secret, free_port()) as fresh:
-            async with aiohttp.ClientSession() as http:
-                got = await pull(http, fresh.url, "team/cluster", "v1")
+        fresh_replica = replica(backend, hub, tmp_path / "fresh", secret, free_port())
+        async with fresh_replica as fresh, aiohttp.ClientSession() as http:
+            got = await pull(http, fresh.url, "team/cluster", "v1")
         assert got[layer.digest] == layer.data
         assert hub.requests() == [] and hub.requests("cdn") == [], "upstream was asked"
 
@@ -272,3 +272,29 @@ async def test_a_pin_on_one_replica_protects_the_image_from_anothers_eviction(
         await index.close()
     assert pinned.layers()[0].digest in indexed, "replica b evicted what replica a pinned"
     assert sum(indexed.values()) <= 10 * MiB + 3 * MiB
+
+
+async def test_a_follower_serves_a_blob_only_under_a_repository_that_holds_it(
+    hub: FakeHub, backend: Backend, tmp_path: Path
+) -> None:
+    """Replica A downloads a layer for the repository that has it; a client of replica B asks
+    for the same digest under a repository that does not have it. B follows A's download
+    only for clients of repositories confirmed to hold the blob: this one gets 404, not the
+    bytes (a private layer must not leak by digest under a public name, across replicas
+    either)."""
+    image = big_image("owned", 32 * MiB, seed=13)
+    hub.add("team/owner", "v1", image)
+    hub.add("team/other", "v1", small_image("other"))
+    layer = image.layers()[0]
+    async with cluster_of(2, backend, hub, tmp_path) as cluster, aiohttp.ClientSession() as http:
+        a, b = cluster.replicas
+        hub.slow = 0.002
+        owner = asyncio.create_task(_read_all(http, f"{a.url}/v2/team/owner/blobs/{layer.digest}"))
+        while hub.cdn_bytes == 0:
+            await asyncio.sleep(0.01)
+        async with http.get(f"{b.url}/v2/team/other/blobs/{layer.digest}") as resp:
+            assert resp.status == 404, resp.status
+            assert (await resp.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+        assert await owner == layer.data
+        # The owning repository's clients on B are served from A's stream or the bucket.
+        assert await _read_all(http, f"{b.url}/v2/team/owner/blobs/{layer.digest}") == layer.data
