@@ -8,25 +8,31 @@ are asserted on the rendered objects.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import re
 import sys
+import time
 import tomllib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import helm_python
 import kubernetes_validate
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client import REGISTRY
 
 import mirror.metrics  # noqa: F401  (defines every metric in REGISTRY)
 from mirror.cli import _parser, config_from_args
 from mirror.config import S3Config, WebhookConfig, load_config
 from tests.fixtures.fakehub import FakeHub
-from tests.fixtures.procs import mirror_process, run
+from tests.fixtures.procs import free_port, mirror_process, need, prometheus, run
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "mirror"
@@ -349,6 +355,224 @@ def test_values_schema_rejects_bad_shared_storage_values(
         render(values)
 
 
+# Cluster mode: the replicas of SHARED_STORAGE as one cache (README, "Running a cluster").
+CLUSTER: dict[str, Any] = {
+    **{key: value for key, value in SHARED_STORAGE.items() if key != "replicaCount"},
+    "localCacheSize": "10GiB",
+    "cluster": {"enabled": True, "existingSecret": "mirror-cluster", "secretKey": "token"},
+}
+# The same scaled by CPU, on a disk of its own per pod, one replica per node at most.
+CLUSTER_AUTOSCALED: dict[str, Any] = {
+    **CLUSTER,
+    "cluster": {
+        **CLUSTER["cluster"],
+        "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 9,
+                        "targetCPUUtilizationPercentage": 60},
+        "pdb": {"maxUnavailable": 1},
+        "localDisk": {"type": "ephemeral", "size": "40Gi", "storageClass": "fast-ssd"},
+        "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"},
+    },
+}  # fmt: skip
+DRAIN = 30  # seconds the mirror lets transfers finish after SIGTERM (app.py, shutdown_timeout)
+
+
+def kubernetes_env(env: list[dict[str, Any]], pod_ip: str) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: the pod's IP from the downward
+    API, `$(NAME)` expanded from the variables defined before it (Kubernetes' rule; a later
+    or unknown one stays as written). Values from Secrets are left out."""
+    resolved: dict[str, str] = {}
+    for var in env:
+        if "value" in var:
+            resolved[var["name"]] = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                lambda m: resolved.get(m.group(1), m.group(0)),
+                var["value"],
+            )
+        elif var["valueFrom"].get("fieldRef", {}).get("fieldPath") == "status.podIP":
+            resolved[var["name"]] = pod_ip
+    return resolved
+
+
+@pytest.mark.parametrize("values", [CLUSTER, CLUSTER_AUTOSCALED], ids=["fixed", "autoscaled"])
+def test_cluster_chart_lints_and_every_manifest_validates(values: dict[str, Any]) -> None:
+    report = helm_python.lint(CHART, values, strict=False)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+    objects, notes = render(values)
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    # A Deployment of interchangeable pods, not the StatefulSet and its governing Service.
+    assert not [o for o in objects if o["kind"] == "StatefulSet"]
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-headless")]
+    deployment = one(objects, "Deployment")
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    template = deployment["spec"]["template"]
+    assert selector.items() <= template["metadata"]["labels"].items()
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    autoscaled = values is CLUSTER_AUTOSCALED
+    hpas = [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
+    if autoscaled:
+        assert "replicas" not in deployment["spec"]  # the HPA's to set, not each upgrade's
+        (hpa,) = hpas
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]
+        }  # fmt: skip
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 9)
+        assert hpa["spec"]["metrics"] == [
+            {"type": "Resource", "resource": {
+                "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}}
+        ]  # fmt: skip
+    else:
+        assert deployment["spec"]["replicas"] == 3
+        assert hpas == []
+    budget = one(objects, "PodDisruptionBudget")["spec"]
+    assert budget["selector"]["matchLabels"] == selector
+    expected_budget = {"maxUnavailable": 1} if autoscaled else {"minAvailable": 1}
+    assert {k: v for k, v in budget.items() if k != "selector"} == expected_budget
+    # The peers' headless Service: the peer port only, every pod (ready or draining).
+    peers = one(objects, "Service", "-peers")["spec"]
+    assert peers["clusterIP"] == "None" and peers["publishNotReadyAddresses"] is True
+    assert peers["selector"] == selector
+    assert peers["ports"] == [{"name": "peer", "port": 5002, "targetPort": "peer",
+                               "protocol": "TCP"}]  # fmt: skip
+    (spread,) = template["spec"]["topologySpreadConstraints"]
+    assert spread == {
+        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "DoNotSchedule" if autoscaled else "ScheduleAnyway",
+        "labelSelector": {"matchLabels": selector},
+    }  # fmt: skip
+    assert f"exec deploy/{deployment['metadata']['name']} -- mirror stats" in notes
+
+
+def test_cluster_pods_are_peers_the_mirror_accepts(tmp_path: Path) -> None:
+    """What the pod's environment, files and ConfigMap add up to is a cluster-mode Config:
+    the peer endpoint on every address, advertised at the pod's IP, with the Secret's key."""
+    objects, _ = render(CLUSTER)
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = kubernetes_env(container["env"], pod_ip="10.1.2.3")
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "cluster-secret"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "cluster-secret"]
+    assert mount["readOnly"] is True
+    assert volume["secret"] == {"secretName": "mirror-cluster", "defaultMode": 0o440,
+                                "items": [{"key": "token", "path": "secret"}]}  # fmt: skip
+    secret_file = f"{mount['mountPath']}/secret"
+    assert env["MIRROR_CLUSTER_SECRET_FILE"] == secret_file
+    assert not {v["name"] for v in container["env"]} & {"MIRROR_CLUSTER_SECRET"}  # no value
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/var/lib/mirror", "/tmp"}
+
+    (tmp_path / "cluster-secret").write_text("a-shared-secret-of-32-characters\n")
+    (tmp_path / "password").write_text("pg-s3cret\n")
+    env["MIRROR_CLUSTER_SECRET_FILE"] = str(tmp_path / "cluster-secret")
+    toml_text = one(objects, "ConfigMap", "hub-mirror")["data"]["mirror.toml"]
+    toml_text = toml_text.replace("/etc/mirror/index/password", str(tmp_path / "password"))
+    (tmp_path / "mirror.toml").write_text(toml_text)
+    config = load_config({}, env, str(tmp_path / "mirror.toml"))
+    assert config.clustered
+    assert (config.peer_host, config.peer_port) == ("0.0.0.0", 5002)
+    assert config.peer_url == "http://10.1.2.3:5002"
+    assert config.cluster_secret == "a-shared-secret-of-32-characters"
+    assert config.s3 is not None and config.index_url == PG_URL
+
+    # The peer port is the container's `peer` port, reached through the headless Service and
+    # by the release's own pods only; the client-facing Service does not carry it.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"registry": config.listen_port, "peer": config.peer_port}
+    assert [p["name"] for p in one(objects, "Service", "hub-mirror")["spec"]["ports"]] == [
+        "registry"
+    ]
+    selector = one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    policy = one(objects, "NetworkPolicy")["spec"]
+    assert policy["podSelector"] == {"matchLabels": selector}
+    assert policy["policyTypes"] == ["Ingress"]
+    rules = {
+        tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in policy["ingress"]
+    }
+    assert rules == {("registry",): None, ("peer",): [{"podSelector": {"matchLabels": selector}}]}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"terminationGracePeriodSeconds": 90, "cluster": {"preStopSleepSeconds": 20}}],
+    ids=["defaults", "longer-pause"],
+)
+def test_cluster_pods_leave_the_service_then_drain_within_the_grace_period(
+    overrides: dict[str, Any],
+) -> None:
+    """A rolling upgrade fails no pull: the pod keeps serving during the preStop pause (the
+    endpoints forget it meanwhile), then SIGTERM drains transfers for up to DRAIN seconds, all
+    within the grace period; readiness keeps new clients away from a pod that cannot serve."""
+    values = {**CLUSTER, **overrides,
+              "cluster": {**CLUSTER["cluster"], **overrides.get("cluster", {})}}  # fmt: skip
+    objects, _ = render(values)
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pause = int(command[1])
+    assert pause == overrides.get("cluster", {}).get("preStopSleepSeconds", 5)
+    assert pod["terminationGracePeriodSeconds"] >= pause + DRAIN
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_cluster_pods_stage_on_a_disk_of_their_own() -> None:
+    """No claim outlives a pod: staging and the hot tier are an emptyDir with a cap, or an
+    ephemeral volume made for the pod and deleted with it."""
+    for values, expected in (
+        (CLUSTER, {"emptyDir": {"sizeLimit": "20Gi"}}),
+        (CLUSTER_AUTOSCALED, {"ephemeral": {"volumeClaimTemplate": {
+            "metadata": {"labels": {"app.kubernetes.io/name": "mirror",
+                                    "app.kubernetes.io/instance": "hub"}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast-ssd",
+                     "resources": {"requests": {"storage": "40Gi"}}}}}}),
+    ):  # fmt: skip
+        objects, _ = render(values)
+        pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+        data = mirror_toml(objects)["data"]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == data]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert {k: v for k, v in volume.items() if k != "name"} == expected
+        assert mirror_toml(objects)["local_cache_size"] == "10GiB"
+
+
+def test_without_cluster_mode_nothing_of_it_is_rendered() -> None:
+    cluster_only = {"Deployment", "HorizontalPodAutoscaler", "NetworkPolicy"}
+    for values in ({}, ALL_FEATURES, {**SHARED_STORAGE, "cluster": {"existingSecret": "x"}}):
+        objects, _ = render(values)
+        assert not {o["kind"] for o in objects} & cluster_only
+        assert not [o for o in objects if o["metadata"]["name"].endswith("-peers")]
+        container = one(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+        assert not [v for v in container.get("env", []) if v["name"].startswith("MIRROR_")]
+        assert [p["name"] for p in container["ports"]] == ["registry"]
+        assert "lifecycle" not in container
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"cluster": {"enabled": True, "existingSecret": "mirror-cluster"}},
+         "/storage/s3/enabled"),
+        ({**CLUSTER, "storage": {"s3": {"enabled": False}}}, "/storage/s3/enabled"),
+        ({**CLUSTER, "index": {"postgres": {"enabled": False}}}, "/index/postgres/enabled"),
+        ({**CLUSTER, "cluster": {"enabled": True}}, "/cluster/existingSecret"),
+        ({**CLUSTER, "cluster": {**CLUSTER["cluster"], "localDisk": {"type": "hostPath"}}},
+         "/cluster/localDisk/type"),
+        ({**CLUSTER, "cluster": {**CLUSTER["cluster"],
+                                 "topologySpread": {"whenUnsatisfiable": "Never"}}},
+         "/cluster/topologySpread/whenUnsatisfiable"),
+        ({**CLUSTER, "cluster": {**CLUSTER["cluster"],
+                                 "autoscaling": {"targetCPUUtilizationPercentage": 0}}},
+         "/cluster/autoscaling/targetCPUUtilizationPercentage"),
+        ({**CLUSTER, "cluster": {**CLUSTER["cluster"], "peerPort": 0}}, "/cluster/peerPort"),
+        ({**CLUSTER, "cluster": {**CLUSTER["cluster"], "replica": 3}}, "/cluster"),
+    ],
+)  # fmt: skip
+def test_values_schema_rejects_bad_cluster_values(values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=f"at '{where}'"):
+        render(values)
+
+
 def test_dashboard_and_rules_come_from_the_top_level_grafana_files() -> None:
     """One source of truth: the chart's files/ must equal grafana/ (`helm/sync-files` copies)."""
     for name in ("mirror.json", "alerts.yml"):
@@ -398,6 +622,29 @@ def test_readme_shared_storage_helm_command_deploys_the_readme_config() -> None:
     assert chart["local_cache_size"] == readme["local_cache_size"]
 
 
+def test_readme_cluster_helm_command_deploys_a_cluster() -> None:
+    """The "Running a cluster" section's `helm install` renders and validates as cluster mode,
+    with the secret its `kubectl create secret` makes under the chart's default key."""
+    section = readme_section("Running a cluster")
+    secret = re.search(r"kubectl .*create secret generic (\S+) --from-literal=(\w+)=", section)
+    command = re.search(r"```sh\n.*?(helm install .*?)```", section, re.S)
+    assert secret is not None and command is not None
+    values = helm_python.parse_set_string(
+        ",".join(re.findall(r"--set (\S+)", command.group(1).replace("\\\n", " ")))
+    )
+    objects, _ = render(values)
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    assert one(objects, "Deployment")["spec"]["replicas"] == 3
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "cluster-secret"]
+    assert volume["secret"]["secretName"] == secret.group(1)
+    assert volume["secret"]["items"][0]["key"] == secret.group(2)
+    (data,) = [v for v in pod["volumes"] if v["name"] == "data"]
+    assert data["emptyDir"]["sizeLimit"] == "60Gi"
+    assert mirror_toml(objects)["local_cache_size"] == "40GiB"
+
+
 SERIES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 
 
@@ -418,6 +665,119 @@ def test_dashboard_and_rules_query_only_metrics_the_mirror_defines() -> None:
     assert used - defined == set()
     backend = {"mirror_backend_duration_seconds_bucket", "mirror_backend_errors_total"}
     assert backend | {"mirror_backend_up"} <= used
+
+
+@contextlib.asynccontextmanager
+async def exporters(pages: list[Callable[[float], str]]) -> AsyncIterator[list[str]]:
+    """One /metrics endpoint per page (host:port each): a page is a function of the seconds
+    since start, so counters grow at known rates and gauges hold known values."""
+    start = time.monotonic()
+    runners: list[web.AppRunner] = []
+    addresses: list[str] = []
+    try:
+        for page in pages:
+
+            async def metrics(
+                _request: web.Request, page: Callable[[float], str] = page
+            ) -> web.Response:
+                return web.Response(text=page(time.monotonic() - start))
+
+            app = web.Application()
+            app.router.add_get("/metrics", metrics)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            runners.append(runner)
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            addresses.append(f"127.0.0.1:{port}")
+        yield addresses
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+def replica_page(
+    cache_bytes: int, cap: int, blobs: int, shared_index: bool
+) -> Callable[[float], str]:
+    """A replica's metrics: each second 300 B served from the cache, 100 B from upstream and
+    (shared index: cluster mode) 200 B streamed to other replicas."""
+
+    def page(elapsed: float) -> str:
+        served = {"cache": 300 * elapsed, "upstream": 100 * elapsed}
+        if shared_index:
+            served["peer"] = 200 * elapsed
+        lines = [
+            'mirror_build_info{version="0.1.0"} 1',
+            f"mirror_cache_bytes {cache_bytes}",
+            f"mirror_cache_max_bytes {cap}",
+            f"mirror_cache_blobs {blobs}",
+            f"mirror_cache_manifests {blobs // 2}",
+            *(f'mirror_served_bytes_total{{source="{k}"}} {v}' for k, v in served.items()),
+            'mirror_backend_up{backend="%s"} 1' % ("postgresql" if shared_index else "sqlite"),
+        ]
+        return "\n".join(lines) + "\n"
+
+    return page
+
+
+async def test_dashboard_cluster_totals_count_a_shared_cache_once(tmp_path: Path) -> None:
+    """Against a real Prometheus: three replicas on one shared index each report the whole
+    cache (one of them a little behind), two mirrors with caches of their own report theirs.
+    The dashboard's totals show the shared cache once, the separate ones added up, and leave
+    bytes sent between replicas out of the hit ratio. (The metrics come from small exporters
+    with known values: the cluster itself is tests/integration/test_cluster.py's.)"""
+    need("prometheus")
+    pages = [
+        replica_page(6000, 10_000, 40, shared_index=True),
+        replica_page(6000, 10_000, 40, shared_index=True),
+        replica_page(5990, 10_000, 39, shared_index=True),
+        replica_page(1000, 2000, 10, shared_index=False),
+        replica_page(500, 2000, 6, shared_index=False),
+    ]
+    panels = {
+        (p["title"], t["refId"]): t["expr"]
+        for p in json.loads((ROOT / "grafana" / "mirror.json").read_text())["panels"]
+        for t in p["targets"]
+    }
+    async with exporters(pages) as targets, prometheus(tmp_path / "prom", targets) as prom:
+        cluster, separate = "|".join(targets[:3]), "|".join(targets[3:])
+        async with aiohttp.ClientSession() as http:
+
+            async def raw(expr: str) -> dict[str, float]:
+                async with http.get(f"{prom.url}/api/v1/query", params={"query": expr}) as r:
+                    answer = await r.json()
+                assert answer["status"] == "success", answer
+                return {
+                    s["metric"].get("instance", ""): float(s["value"][1])
+                    for s in answer["data"]["result"]
+                }
+
+            async def query(panel: str, ref: str, instances: str) -> dict[str, float]:
+                return await raw(
+                    panels[(panel, ref)].replace("$__rate_interval", "5s")
+                    .replace('instance=~"$instance"', f'instance=~"{instances}"')
+                )  # fmt: skip
+
+            async with asyncio.timeout(60):  # until every target was scraped 6 times (1 s apart)
+                while True:
+                    scraped = await raw("count_over_time(mirror_build_info[5m])")
+                    if len(scraped) == len(targets) and min(scraped.values()) >= 6:
+                        break
+                    await asyncio.sleep(0.5)
+
+            assert await query("Cache size vs cap", "A", cluster) == {"": 6000}
+            assert await query("Cache size vs cap", "B", cluster) == {"": 10_000}
+            assert await query("Cached objects", "A", cluster) == {"": 40}
+            assert await query("Cache size vs cap", "A", separate) == {"": 1500}
+            assert await query("Cache size vs cap", "B", separate) == {"": 4000}
+            assert await query("Cached objects", "B", separate) == {"": 5 + 3}
+            (ratio,) = (await query("Cache hit ratio (bytes)", "A", cluster)).values()
+            assert ratio == pytest.approx(0.75, abs=0.01)  # 300 / (300 + 100); peer bytes out
+            peer = await query("Peer traffic per replica", "A", f"{cluster}|{separate}")
+            assert set(peer) == set(targets)
+            assert [peer[t] for t in targets[3:]] == [0, 0]  # no peer endpoint: 0, not missing
+            for target in targets[:3]:
+                assert peer[target] == pytest.approx(200, rel=0.1)
 
 
 def dockerfile() -> list[tuple[str, str]]:
