@@ -754,7 +754,8 @@ class BlobFetcher:
                         rest = writer.write(chunk)
                         if writer.relaying:
                             fetch.relay(writer.on_disk, writer.received - len(rest), rest)
-                        UPSTREAM_BYTES.inc(len(chunk))
+                        if not from_peer:  # a peer's bytes crossed the upstream once, there
+                            UPSTREAM_BYTES.inc(len(chunk))
                         if fetch.size is not None and writer.received > fetch.size:
                             raise DigestMismatch(fetch.digest, "more bytes than announced")
                         fetch.advanced(writer.received)

@@ -34,6 +34,7 @@ from mirror.responses import (
     send_blob_head,
     send_uncached_blob,
 )
+from mirror.store.source import Origin
 from mirror.tags import paginate, parse_n, tags_page
 from mirror.visibility import CHALLENGE
 
@@ -130,7 +131,10 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
         if attempt or not await fetch.refused():
             break
     request[CACHE_RESULT] = "coalesced" if joined else "miss"
-    with contextlib.closing(FollowSource(fetch, "cache" if joined else "upstream")) as source:
+    # Bytes of a download another replica makes (origin None) did not cross the upstream for
+    # this client: counted as served from the cache, so cluster totals count each once.
+    origin: Origin = "upstream" if not joined and fetch.origin is not None else "cache"
+    with contextlib.closing(FollowSource(fetch, origin)) as source:
         return await send_blob(request, source)
 
 

@@ -32,6 +32,7 @@ from tests.fixtures.images import big_image, small_image
 from tests.fixtures.procs import Service, free_port, mirror_process, need, wait_http
 from tests.integration.test_pull_path import ALL_TYPES, pull
 from tests.integration.test_shared_storage import index_of, objects_of
+from tests.integration.test_workers import metric_total
 
 pytestmark = [pytest.mark.integration, pytest.mark.backends("s3")]
 MiB = 1 << 20
@@ -147,6 +148,20 @@ async def test_concurrent_cold_pulls_on_every_replica_cross_the_upstream_once(
         assert hub.cdn_first_byte_at is not None
         late = [at - hub.cdn_first_byte_at for at, _ in results]
         assert max(late) < 1.0, f"first layer bytes after the upstream's first: {late}"
+        # Cluster totals count each byte once: upstream bytes summed over the replicas are the
+        # upstream's, and the bytes a replica relayed from a peer count as served from cache.
+        async with aiohttp.ClientSession() as http:
+            texts = []
+            for r in cluster.replicas:
+                async with http.get(f"{r.url}/metrics") as resp:
+                    texts.append(await resp.text())
+        upstream = sum(metric_total(t, "mirror_upstream_bytes_total") for t in texts)
+        # (the manifest's few hundred bytes come on top of the CDN's layer bytes)
+        assert hub.cdn_bytes <= upstream <= hub.cdn_bytes + 64 * 1024, (upstream, hub.cdn_bytes)
+        served_upstream = sum(
+            metric_total(t, "mirror_served_bytes_total", source="upstream") for t in texts
+        )
+        assert served_upstream <= len(layer.data) + MiB, served_upstream
         async with aiohttp.ClientSession() as http:  # the rest of the image, cached too
             await pull(http, cluster.url, "team/cluster", "v1")
         # A replica with an empty disk (a new pod, or one restarted on a fresh volume).
