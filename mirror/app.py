@@ -335,11 +335,12 @@ async def run(
     admin_sockets: list[socket.socket] = []
     if worker in (None, 0):
         admin_sockets = bind(config.admin_host, config.admin_port, "admin_listen", reuse_port=False)
+    main_sockets: list[socket.socket] = []
+    peer_sockets: list[socket.socket] = []
     try:
         main_sockets = bind(
             config.listen_host, config.listen_port, "listen", reuse_port=worker is not None
         )
-        peer_sockets: list[socket.socket] = []
         if config.peer_host is not None and config.peer_port is not None:
             peer_sockets = bind(
                 config.peer_host, config.peer_port, "peer_listen", reuse_port=worker is not None

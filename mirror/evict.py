@@ -46,7 +46,12 @@ log = logging.getLogger(__name__)
 HIGH_WATERMARK = 0.95
 LOW_WATERMARK = 0.90
 BATCH = 5000  # candidates per query
-PART = 500  # blobs per index transaction: another worker's commit waits for one at most
+PART = 500  # files unlinked (objects deleted) per step of a pass
+# Steps at once: a bucket's DeleteObjects mostly waits on the server, so several are sent;
+# on a local disk the unlink threads (local.py) are shared by all steps, so it changes little.
+PARTS_IN_FLIGHT = 4
+ROWS = 2500  # rows forgotten per index transaction at most: another worker's commit waits
+# for one at most (0.3 s at a million rows on a virtual disk)
 PERIODIC = 10.0  # seconds between flushes of access times, count refreshes and max_age passes
 
 
@@ -74,6 +79,9 @@ class Evictor:
     ) -> None:
         self._events = events
         self._claims = claims
+        # This process's reservations whose rows are not in the index yet: added to the
+        # shared index's usage when it is read again (_resync_usage).
+        self._pending = 0
         # Other replicas commit to this index (PostgreSQL): this machine's account of usage
         # misses their bytes, so it is set again from the index (see _resync_usage).
         self._index_shared = index_shared
@@ -121,7 +129,12 @@ class Evictor:
 
     def release(self, size: int) -> None:
         """Give back a reservation whose bytes did not land (failed commit, already indexed)."""
+        self._pending = max(0, self._pending - size)
         CACHE_BYTES.set(self._shared.add_usage(-size))
+
+    def landed(self, size: int) -> None:
+        """A reservation's bytes are indexed now: the index's usage counts them from here."""
+        self._pending = max(0, self._pending - size)
 
     def correct_usage(self, delta: int) -> None:
         """Recovery found indexed bytes the account did not hold (files indexed: positive) or
@@ -139,6 +152,7 @@ class Evictor:
         """
         if self._index_shared:
             await self._resync_usage()
+        self._pending += incoming
         usage = self._shared.add_usage(incoming)
         CACHE_BYTES.set(usage)
         if usage > self.max_size * HIGH_WATERMARK:
@@ -253,22 +267,51 @@ class Evictor:
         return total
 
     async def _delete(self, blobs: list[tuple[str, int]], reason: str) -> Evicted:
-        """Files first, then rows, PART at a time; the rows of one part are forgotten while
-        the next part's files are unlinked (the index's thread and the unlink threads wait on
-        the disk apart), so a pass costs about the slower of the two, not their sum."""
-        parts = [blobs[n : n + PART] for n in range(0, len(blobs), PART)]
+        """Files first, then rows, but the two run side by side: unlinks go on, PART files a
+        step and PARTS_IN_FLIGHT steps at once, while the rows of files already gone are
+        forgotten, in one transaction of whatever has gathered since the last one (up to
+        ROWS). The unlinks never wait for the
+        index, and the index deletes in large batches: at a million rows a transaction of 500
+        cost 0.18 ms a row (each touches a page of every digest index and is written to the
+        WAL and checkpointed again), one of 5,000 0.12 ms. A crash leaves rows of files
+        already unlinked, never a file without its row being kept (recovery.py drops them)."""
+        gone: list[tuple[str, int]] = []
+        ready = asyncio.Event()
+        finished = False
+        slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
+
+        async def unlink_part(part: list[tuple[str, int]]) -> None:
+            async with slots:
+                await self._content.remove([digest for digest, _ in part])
+            gone.extend(part)
+            ready.set()
+
+        async def unlink() -> None:
+            nonlocal finished
+            try:
+                parts = [blobs[n : n + PART] for n in range(0, len(blobs), PART)]
+                results = await asyncio.gather(*map(unlink_part, parts), return_exceptions=True)
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
+            finally:
+                finished = True
+                ready.set()
+
+        unlinking = asyncio.create_task(unlink(), name="eviction unlinks")
         freed = 0
-        previous: list[tuple[str, int]] = []
-        for part in parts:
-            removal = self._content.remove([digest for digest, _ in part])
-            if previous:
-                _, done = await asyncio.gather(removal, self._forget(previous, reason))
-                freed += done
-            else:
-                await removal
-            previous = part
-        if previous:
-            freed += await self._forget(previous, reason)
+        try:
+            while not (finished and not gone):
+                await ready.wait()
+                ready.clear()
+                while gone:
+                    rows, gone[:ROWS] = gone[:ROWS], []
+                    freed += await self._forget(rows, reason)
+        finally:
+            if not unlinking.done():
+                unlinking.cancel()
+            await asyncio.gather(unlinking, return_exceptions=True)
+        unlinking.result()  # a failed unlink fails the pass, after the rows of what went
         return Evicted(len(blobs), freed)
 
     async def _forget(self, blobs: list[tuple[str, int]], reason: str) -> int:
@@ -291,12 +334,12 @@ class Evictor:
 
     async def _resync_usage(self) -> None:
         """Usage from the shared index: every replica's committed bytes, read before each
-        reservation and every PERIODIC seconds. What is missed: other machines' reservations
-        not indexed yet, and this machine's own ones made since (their downloads commit
-        within moments), so the cap can be passed by the downloads the replicas are storing
-        at that moment, as on one machine; a pass starts as soon as it is."""
+        reservation and every PERIODIC seconds, plus this process's own reservations not indexed
+        yet. What is missed: other processes' reservations not indexed yet (their downloads
+        commit within moments), so the cap can be passed by the downloads the other replicas
+        and workers are storing at that moment; a pass starts as soon as it is."""
         usage, _, _ = await self._index.usage()
-        self._shared.set_usage(usage)
+        self._shared.set_usage(usage + self._pending)
         if self._over_high():
             self._start_pass()
 

@@ -255,6 +255,10 @@ class FollowSource:
             self._file.close()
 
 
+class ClaimLost(ConnectionError):
+    """This replica's claim on a download was taken over by another (claims.py `lost`)."""
+
+
 @dataclass(slots=True)
 class ClusterRole:
     """This replica's part in a blob's cluster-wide single flight; changes on takeover."""
@@ -591,7 +595,9 @@ class BlobFetcher:
             fetch.succeeded(final_path)
             try:
                 await writer.sync_directory()
-                if not await self._index.add_blob(fetch.digest, fetch.received, media_type):
+                if await self._index.add_blob(fetch.digest, fetch.received, media_type):
+                    self._evictor.landed(fetch.received)
+                else:
                     self._evictor.release(fetch.received)  # its bytes were counted already
                 await self._index.add_holder(client.registry.name, repository, fetch.digest)
             except Exception as exc:
@@ -756,6 +762,8 @@ class BlobFetcher:
                             fetch.relay(writer.on_disk, writer.received - len(rest), rest)
                         if not from_peer:  # a peer's bytes crossed the upstream once, there
                             UPSTREAM_BYTES.inc(len(chunk))
+                            if role is not None and self._cluster[0].lost(role.key):  # type: ignore[index]
+                                raise ClaimLost(role.key)
                         if fetch.size is not None and writer.received > fetch.size:
                             raise DigestMismatch(fetch.digest, "more bytes than announced")
                         fetch.advanced(writer.received)
@@ -763,6 +771,14 @@ class BlobFetcher:
                     return media_type
                 raise ConnectionError("upstream body ended early")
             except (*TRANSIENT_ERRORS, ConnectionError) as exc:
+                if isinstance(exc, ClaimLost):
+                    # Another replica took the claim over while this one could not beat
+                    # (frozen, cut off): follow it from here instead of downloading twice.
+                    assert download.role is not None
+                    download.role.held = False
+                    writer.cancel_upload()
+                    await self._retake(download, exc)
+                    continue
                 if from_peer:
                     # Not a failure of the upstream's: take over, or follow again. A claimant
                     # alive but unreachable (a wrong secret, a network split) costs the

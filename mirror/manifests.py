@@ -366,6 +366,8 @@ class ManifestResolver:
         )
         if reserved and not new:
             self._evictor.release(reserved)
+        elif reserved:
+            self._evictor.landed(reserved)
         if new:
             self._events(
                 "image.cached",

@@ -30,6 +30,7 @@ from typing import Any
 
 import asyncpg
 
+from mirror.errors import RegistryError
 from mirror.metrics import BACKEND_DURATION, BACKEND_ERRORS
 from mirror.store.index.postgres import (
     CONNECT_TIMEOUT,
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT = 1.0  # seconds between refreshes of this process's claims
 STALE = 3.5  # seconds without a heartbeat after which a claim is taken over
 WAIT_POLL = 0.05  # seconds between looks at a claim someone else holds (manifests)
+WAIT_LIMIT = 120.0  # seconds a request waits for another replica's manifest exchange
 TIMEOUT = 5.0  # seconds for one claim statement
 
 
@@ -74,6 +76,7 @@ class Claims:
         self.peer = peer  # this replica's peer endpoint, for followers of its downloads
         self._hidden = hidden
         self._held: set[str] = set()
+        self._lost: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
 
     @classmethod
@@ -120,6 +123,7 @@ class Claims:
         rows = await self._run("take", _TAKE, key, self.owner, peer, STALE)
         if rows:
             self._held.add(key)
+            self._lost.discard(key)
             return Holder(self.owner, peer)
         rows = await self._run("holder", "SELECT owner, peer FROM claims WHERE key = $1", key)
         if not rows:  # released between the two statements: try again
@@ -128,14 +132,19 @@ class Claims:
 
     async def release(self, key: str) -> None:
         self._held.discard(key)
+        self._lost.discard(key)
         await self._run(
             "release", "DELETE FROM claims WHERE key = $1 AND owner = $2", key, self.owner
         )
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[None]:
-        """Hold `key` for the block, waiting while another live process holds it."""
+        """Hold `key` for the block, waiting while another live process holds it, at most
+        WAIT_LIMIT seconds (then the request fails with a 503 rather than wait on)."""
+        deadline = asyncio.get_running_loop().time() + WAIT_LIMIT
         while (await self.take(key)).owner != self.owner:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RegistryError.unavailable(f"another replica still holds {key}")
             await asyncio.sleep(WAIT_POLL)
         try:
             yield
@@ -149,9 +158,22 @@ class Claims:
             if not self._held:
                 continue
             try:
-                await self._run(
-                    "heartbeat", f"UPDATE claims SET heartbeat = {_NOW} WHERE owner = $1",
+                rows = await self._run(
+                    "heartbeat",
+                    f"UPDATE claims SET heartbeat = {_NOW} WHERE owner = $1 RETURNING key",
                     self.owner,
                 )  # fmt: skip
             except PostgresIndexError as exc:
                 log.warning("claims heartbeat failed: %s", exc)
+                continue
+            # A claim that is not ours any more was taken over while this process could not
+            # beat (frozen, cut off from the database): its work is someone else's now.
+            lost = self._held - {str(row["key"]) for row in rows}
+            if lost:
+                log.warning("claims taken over by another replica: %s", ", ".join(sorted(lost)))
+                self._held -= lost
+                self._lost |= lost
+
+    def lost(self, key: str) -> bool:
+        """Was `key` taken over from this process while it held it (see _beat)?"""
+        return key in self._lost

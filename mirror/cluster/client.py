@@ -5,7 +5,10 @@ from __future__ import annotations
 import aiohttp
 
 CONNECT_TIMEOUT = 2.0  # a replica that does not accept within this is treated as gone
-READ_TIMEOUT = 30.0  # silence on a peer stream after which the follower retries or takes over
+# Silence on a peer stream after which the follower retries or takes over: a little more than
+# a claim's staleness (claims.STALE), so a frozen claimant is replaced, not awaited long; more
+# than a slow upstream's usual silences, which the claimant relays as they come.
+READ_TIMEOUT = 15.0
 
 
 class PeerClient:

@@ -37,6 +37,7 @@ class Coherence:
         self._me = secrets.token_hex(8)  # this process: its own notifications are ignored
         self._conn: Any = None
         self._wake = asyncio.Event()
+        self._unsent = False
         self._tasks: list[asyncio.Task[None]] = []
         shared.on_change(self._wake.set)
 
@@ -71,6 +72,9 @@ class Coherence:
                 async with asyncio.timeout(SEND_TIMEOUT):
                     await self._conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self._me)
             except (*DATABASE_ERRORS, AttributeError) as exc:
+                # Sent again once the connection is back (_watch): the other replicas must
+                # hear of every change, however late.
+                self._unsent = True
                 log.warning("cluster notification not sent: %s", redacted(exc, self._hidden, 0))
 
     async def _watch(self) -> None:
@@ -78,6 +82,9 @@ class Coherence:
         while True:
             await asyncio.sleep(WATCH)
             if self._conn is not None and not self._conn.is_closed():
+                if self._unsent:  # a send failed on a connection that is fine again
+                    self._unsent = False
+                    self._wake.set()
                 continue
             try:
                 await self._connect()
@@ -86,6 +93,9 @@ class Coherence:
                 continue
             log.info("cluster notifications: reconnected; memory caches dropped")
             self._shared.changed_elsewhere()
+            if self._unsent:
+                self._unsent = False
+                self._wake.set()
 
     async def close(self) -> None:
         for task in self._tasks:

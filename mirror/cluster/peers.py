@@ -37,7 +37,8 @@ def peer_app(secret: str, find: Finder) -> web.Application:
     expected = f"Bearer {secret}".encode()
 
     async def blob(request: web.Request) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
+        # Header values arrive surrogate-escaped: bytes that are not UTF-8 must not raise.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
             return RegistryError(401, "UNAUTHORIZED", "peer secret required").response()
         try:

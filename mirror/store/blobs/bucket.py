@@ -69,6 +69,11 @@ class UploadingWriter(BlobWriter):
         if self._task is None:
             self._task = self._content.own(self._upload())
 
+    def cancel_upload(self) -> None:
+        if self._task is not None:
+            self._task.cancel()  # its multipart upload is aborted as the task ends
+            self._task = None
+
     def write(self, chunk: bytes) -> bytes:
         rest = super().write(chunk)
         self._grew.set()

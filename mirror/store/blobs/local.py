@@ -217,6 +217,11 @@ class BlobWriter:
         this file (bucket.py); called once this process is the one to store the blob."""
         return None
 
+    def cancel_upload(self) -> None:
+        """Stop an upload begun by `begin_upload` and drop what it sent (another replica
+        stores the blob after all)."""
+        return None
+
     async def commit_local(self) -> Path:
         """Verify and keep as a local file only, whatever the engine: a copy of a blob that
         another replica stores (a cluster follower's)."""
