@@ -180,7 +180,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     except BaseException:
         await index.close()
         raise
-    content.start(index, primary=worker in (None, 0))
+    content.start(index, primary=worker in (None, 0), generation=lambda: shared.generation)
     access = AccessTracker(index, content)
     # Cluster mode (cluster/): claims for cluster-wide single flight and eviction, the peer
     # client for streaming other replicas' downloads, notifications for coherence.

@@ -762,7 +762,8 @@ class BlobFetcher:
                             fetch.relay(writer.on_disk, writer.received - len(rest), rest)
                         if not from_peer:  # a peer's bytes crossed the upstream once, there
                             UPSTREAM_BYTES.inc(len(chunk))
-                            if role is not None and self._cluster[0].lost(role.key):  # type: ignore[index]
+                            cluster = self._cluster
+                            if role is not None and cluster and cluster[0].lost(role.key):
                                 raise ClaimLost(role.key)
                         if fetch.size is not None and writer.received > fetch.size:
                             raise DigestMismatch(fetch.digest, "more bytes than announced")

@@ -32,7 +32,9 @@ async def open_content(config: Config, files: BlobStore) -> ContentStore:
             secret_key=s3.secret_key,
         )
     )
-    return BucketContent(files, objects, config.local_cache_size, s3.redirect)
+    return BucketContent(
+        files, objects, config.local_cache_size, s3.redirect, coherent=config.clustered
+    )
 
 
 async def open_index(config: Config) -> Index:

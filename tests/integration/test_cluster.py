@@ -240,6 +240,9 @@ async def test_a_purge_on_one_replica_reaches_every_replicas_memory_within_a_sec
     async with cluster_of(3, backend, hub, tmp_path) as cluster, aiohttp.ClientSession() as http:
         for r in cluster.replicas:
             await pull(http, r.url, "library/alpine", "3.19")  # in every replica's memory
+        layer = old.layers()[0].digest
+        for _ in range(2):  # the second is a hit on replica 1's hot copy, confirmed just now
+            await _read_all(http, f"{cluster.replicas[1].url}/v2/library/alpine/blobs/{layer}")
         hub.add("library/alpine", "3.19", new)  # upstream moved the tag meanwhile
         async with http.post(
             f"{cluster.replicas[0].admin}/admin/purge", json={"image": "alpine:3.19"}
@@ -249,6 +252,11 @@ async def test_a_purge_on_one_replica_reaches_every_replicas_memory_within_a_sec
         for r in cluster.replicas[1:]:
             got = await pull(http, r.url, "library/alpine", "3.19")
             assert new.top.digest in got, "a replica answered the purged tag from memory"
+        # ... nor a purged layer from its hot tier: the next replica asked downloads it again
+        # (the upstream still has it), which caches it anew for every replica after it.
+        async with http.get(f"{cluster.replicas[1].url}/v2/library/alpine/blobs/{layer}") as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Mirror-Cache"] == "miss", "a purged hot copy was served"
 
 
 async def test_a_pin_on_one_replica_protects_the_image_from_anothers_eviction(

@@ -10,7 +10,7 @@ lives there. What differs is what "stored" means and where a blob not on this di
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from mirror.store.blobs.local import BlobStore, BlobWriter
@@ -25,9 +25,12 @@ class ContentStore(Protocol):
     # from the local files (`s3_redirect`).
     redirects: bool
 
-    def start(self, index: Index, primary: bool) -> None:
+    def start(
+        self, index: Index, primary: bool, generation: Callable[[], int] | None = None
+    ) -> None:
         """Begin the engine's own maintenance, if it has any (the bucket's sweep, by the
-        primary process only)."""
+        primary process only). `generation` reads the machine's shared generation, which
+        moves whenever content is removed (shared.py)."""
         ...
 
     async def ping(self) -> bool:

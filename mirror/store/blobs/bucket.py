@@ -24,7 +24,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 HOT_LOW_WATERMARK = 0.9  # a trim of the hot tier goes down to this share of its cap
 CONFIRM_EVERY = 2.0  # seconds a hot copy is served without asking the index again
+# ... in cluster mode, where every replica's removals move this machine's generation within
+# milliseconds (cluster/notify.py): the confirmations are dropped when it moves instead.
+CONFIRM_EVERY_COHERENT = 300.0
 PRESIGN_EXPIRES = 600.0  # seconds a redirect URL is valid: enough to start a big layer
 ABORT_TIMEOUT = 10.0  # seconds an abort may take when a download is dropped
 
@@ -255,8 +258,14 @@ class BucketContent:
     name = "s3"
 
     def __init__(
-        self, files: BlobStore, objects: ObjectStore, hot_cap: int, redirect: bool
+        self,
+        files: BlobStore,
+        objects: ObjectStore,
+        hot_cap: int,
+        redirect: bool,
+        coherent: bool = False,
     ) -> None:
+        self._confirm_every = CONFIRM_EVERY_COHERENT if coherent else CONFIRM_EVERY
         self.files = files
         self.objects = objects
         self.hot = HotTier(files, hot_cap)
@@ -266,6 +275,8 @@ class BucketContent:
         self._sweeper: BucketSweeper | None = None
         self._index: Index | None = None  # set by start(): hot copies of purged blobs go
         self._confirmed: LRUCache[str, float] = LRUCache(100_000)  # digest -> when confirmed
+        self._generation: Callable[[], int] | None = None
+        self._confirmed_at = -1  # the generation the confirmations were made in
 
     def own(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A background task this store cancels and awaits at close (uploads)."""
@@ -275,8 +286,11 @@ class BucketContent:
         task.add_done_callback(_retrieve)
         return task
 
-    def start(self, index: Index, primary: bool) -> None:
+    def start(
+        self, index: Index, primary: bool, generation: Callable[[], int] | None = None
+    ) -> None:
         self._index = index
+        self._generation = generation
         if primary:
             self._sweeper = BucketSweeper(self, index)
             self._sweeper.start()
@@ -290,11 +304,15 @@ class BucketContent:
     async def confirm_local(self, digest: str) -> bool:
         """A hot copy is served while the index lists the blob, asked at most once per
         CONFIRM_EVERY seconds per blob and process: a purge or eviction on another replica
-        stops this one serving its copy within that time (the copy is then deleted). If the
+        stops this one serving its copy within that time (the copy is then deleted); in
+        cluster mode, as soon as this machine hears of it (and only then is the index asked). If the
         index cannot answer, the copy is served: it was verified, and hits outlive outages."""
         now = time.monotonic()
+        if self._generation is not None and self._generation() != self._confirmed_at:
+            self._confirmed_at = self._generation()
+            self._confirmed.clear()  # something was removed, here or on another replica
         confirmed = self._confirmed.get(digest)
-        if confirmed is not None and now - confirmed < CONFIRM_EVERY:
+        if confirmed is not None and now - confirmed < self._confirm_every:
             return True
         if self._index is None:
             return True

@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -274,7 +274,9 @@ class LocalContent:
     def __init__(self, files: BlobStore) -> None:
         self.files = files
 
-    def start(self, index: Index, primary: bool) -> None:
+    def start(
+        self, index: Index, primary: bool, generation: Callable[[], int] | None = None
+    ) -> None:
         return None  # recovery.py keeps the files and the index in agreement
 
     async def ping(self) -> bool:
