@@ -373,10 +373,7 @@ class BlobFetcher:
         if claim.owner:  # no worker of this machine downloads it
             claim.close()
             return None
-        final_path = self._store.path(digest)
-        fetch = InflightFetch(digest, final_path, final_path)
-        self._start(fetch, self._follow(fetch, claim))
-        return FollowSource(fetch, "peer")
+        return FollowSource(self._follow_worker(digest, claim), "peer")
 
     async def stream_uncached(
         self, registry: str, repository: str, digest: str
@@ -439,10 +436,8 @@ class BlobFetcher:
             # Another worker downloads it (or just finished): follow its file.
             if claim.owner:
                 claim.close()
-            fetch = InflightFetch(digest, final_path, final_path)
-            self._start(fetch, self._follow(fetch, claim))
             COALESCED.inc()
-            return fetch, True
+            return self._follow_worker(digest, claim), True
         writer = self._content.writer(digest)
         claim.note(temp=writer.temp_path.name)
         fetch = InflightFetch(
@@ -454,6 +449,14 @@ class BlobFetcher:
             fetch, self._run(Download(fetch, writer, claim, self._clients[registry], repository))
         )
         return fetch, False
+
+    def _follow_worker(self, digest: str, claim: Claim) -> InflightFetch:
+        """The fetch that follows another worker's download of `digest` (its claim held by
+        that worker, or closed because the final file exists), in the in-flight table now."""
+        final_path = self._store.path(digest)
+        fetch = InflightFetch(digest, final_path, final_path)
+        self._start(fetch, self._follow(fetch, claim))
+        return fetch
 
     def _start(self, fetch: InflightFetch, work: Coroutine[Any, Any, None]) -> None:
         self._inflight[fetch.digest] = fetch

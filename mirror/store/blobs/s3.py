@@ -198,6 +198,14 @@ class ObjectStore:
             log.debug("S3 bucket %s unusable: %s", self.settings.bucket, type(error).__name__)
             return False
 
+    @contextlib.asynccontextmanager
+    async def _bounded(self, operation: str, key: str) -> AsyncIterator[None]:
+        """One small request: translated errors (_errors) and a total deadline, retries
+        included (`request_timeout`), whose expiry is an ObjectStoreError too."""
+        with _errors(operation, key):
+            async with asyncio.timeout(self.settings.request_timeout):
+                yield
+
     def key(self, digest: str) -> str:
         algorithm, hexdigest = validate_digest(digest).split(":", 1)
         return f"{self.prefix}blobs/{algorithm}/{hexdigest[:2]}/{hexdigest}"
@@ -210,27 +218,24 @@ class ObjectStore:
 
     async def put(self, digest: str, data: bytes) -> None:
         key = self.key(digest)
-        with _errors("PutObject", key):
-            async with asyncio.timeout(self.settings.request_timeout):
-                await self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
+        async with self._bounded("PutObject", key):
+            await self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
 
     async def get(self, digest: str) -> bytes | None:
         key = self.key(digest)
         try:
-            with _errors("GetObject", key):
-                async with asyncio.timeout(self.settings.request_timeout):
-                    response = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
-                    async with response["Body"] as body:
-                        return await body.read()
+            async with self._bounded("GetObject", key):
+                response = await self._client.get_object(Bucket=self.settings.bucket, Key=key)
+                async with response["Body"] as body:
+                    return await body.read()
         except ObjectMissing:
             return None
 
     async def stat(self, digest: str) -> int | None:
         key = self.key(digest)
         try:
-            with _errors("HeadObject", key):
-                async with asyncio.timeout(self.settings.request_timeout):
-                    response = await self._client.head_object(Bucket=self.settings.bucket, Key=key)
+            async with self._bounded("HeadObject", key):
+                response = await self._client.head_object(Bucket=self.settings.bucket, Key=key)
         except ObjectMissing:
             return None
         return response["ContentLength"]
@@ -244,11 +249,10 @@ class ObjectStore:
             raise ValueError(f"bad range [{start}, {end})")
         if start == end:
             return ObjectStream(None, key)
-        with _errors("GetObject", key):
-            async with asyncio.timeout(self.settings.request_timeout):
-                response = await self._client.get_object(
-                    Bucket=self.settings.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
-                )
+        async with self._bounded("GetObject", key):
+            response = await self._client.get_object(
+                Bucket=self.settings.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+            )
         return ObjectStream(response["Body"], key)
 
     async def delete(self, digests: list[str]) -> None:
@@ -261,13 +265,11 @@ class ObjectStore:
         slots = asyncio.Semaphore(DELETES_IN_FLIGHT)
 
         async def delete_batch(batch: list[str]) -> None:
-            async with slots:
-                with _errors("DeleteObjects", f"({len(batch)} keys)"):
-                    async with asyncio.timeout(self.settings.request_timeout):
-                        response = await self._client.delete_objects(
-                            Bucket=self.settings.bucket,
-                            Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
-                        )
+            async with slots, self._bounded("DeleteObjects", f"({len(batch)} keys)"):
+                response = await self._client.delete_objects(
+                    Bucket=self.settings.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
             failed = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if failed:
                 first = failed[0]
