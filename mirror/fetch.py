@@ -563,7 +563,7 @@ class BlobFetcher:
                 return
             # Clients get their last byte once the bytes are proven right, not once they are
             # durable: fsync of a large layer can take longer than its download.
-            writer.verify()
+            await writer.verify()
             if writer.relaying:  # the disk filled up: the readers got it all, nothing is kept
                 log.warning(
                     "disk full while caching blob %s: relayed to its clients, not cached; "
@@ -681,7 +681,7 @@ class BlobFetcher:
         come before the object)."""
         fetch, writer = download.fetch, download.writer
         try:
-            writer.verify()
+            await writer.verify()
             fetch.verified_whole()
             final_path = await writer.commit_local()
             fetch.succeeded(final_path)
@@ -754,7 +754,9 @@ class BlobFetcher:
                             raise DigestMismatch(
                                 fetch.digest, f"{total} bytes where a HEAD said {fetch.size}"
                             )
-                    async for chunk in resp.content.iter_chunked(CHUNK):
+                    # As the socket delivered them: iter_chunked would join the pieces of
+                    # each CHUNK into a copy, a cost per byte the download does not need.
+                    async for chunk, _ in resp.content.iter_chunks():
                         if skip:
                             cut = min(skip, len(chunk))
                             chunk, skip = chunk[cut:], skip - cut
@@ -771,6 +773,8 @@ class BlobFetcher:
                         if fetch.size is not None and writer.received > fetch.size:
                             raise DigestMismatch(fetch.digest, "more bytes than announced")
                         fetch.advanced(writer.received)
+                        if writer.behind:  # the hash's thread lags: memory stays bounded
+                            await writer.caught_up()
                 if fetch.size is None or writer.received == fetch.size:
                     return media_type
                 raise ConnectionError("upstream body ended early")

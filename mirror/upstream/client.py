@@ -51,6 +51,7 @@ REDIRECTS = {301, 302, 303, 307, 308}
 MAX_REDIRECTS = 5
 RETRY_DELAYS = (0.2, 0.8)  # bounded: three attempts in all for connect errors and 5xx
 READ_TIMEOUT = 30.0  # seconds an upstream may go silent mid-response before it is resumed
+READ_BUFFER = 1024 * 1024  # a response body buffered before reading pauses (see make_session)
 TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 TRANSIENT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
@@ -66,6 +67,7 @@ def make_session(read_timeout: float = READ_TIMEOUT) -> aiohttp.ClientSession:
             total=None, connect=10, sock_connect=10, sock_read=read_timeout
         ),
         auto_decompress=False,
+        read_bufsize=READ_BUFFER,
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
         headers={"User-Agent": "mirror/0.1 (+pull-through cache)", "Accept-Encoding": "identity"},
     )

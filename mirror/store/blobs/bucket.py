@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -33,6 +32,7 @@ from cachetools import LRUCache
 from mirror.metrics import DIGEST_MISMATCHES
 from mirror.store.blobs.local import BlobStore, BlobWriter, DigestMismatch, digest_of
 from mirror.store.blobs.s3 import ObjectStore
+from mirror.store.hashing import StreamHash
 from mirror.store.health import BackendUnavailable
 from mirror.store.index.base import Index
 from mirror.store.source import Origin, Segment
@@ -112,7 +112,7 @@ class UploadingWriter(BlobWriter):
     async def commit(self) -> Path:
         """Verify, finish the upload (the object becomes visible), keep the file as the hot
         copy; raises DigestMismatch or the bucket's error, and then nothing was stored."""
-        self.verify()
+        await self.verify()
         if self.relaying:
             raise OSError(28, "disk full: not all of it reached the file")
         self._finished = True
@@ -164,7 +164,9 @@ class ObjectSource:
         stream = await self._objects.read(self.digest, start, stop)
         whole = (start, stop) == (0, self._size)
         copy = self._content.hot_copy(self.digest) if whole else None
-        hasher = hashlib.new(self.digest.split(":", 1)[0]) if whole and copy is None else None
+        hasher: StreamHash | None = None
+        if whole and copy is None:
+            hasher = self._content.files.stream_hash(self.digest.split(":", 1)[0])
         held = b""
         try:
             async for chunk in stream:
@@ -172,12 +174,15 @@ class ObjectSource:
                     try:
                         copy.write(chunk)
                     except OSError:  # raised before this chunk was hashed
-                        hasher = copy.rehash()
+                        hasher = await copy.rehash()
                         hasher.update(chunk)
                         copy.discard()
                         copy = None
                 elif hasher is not None:
                     hasher.update(chunk)
+                hashing = copy or hasher
+                if hashing is not None and hashing.behind:  # its thread lags: bounded memory
+                    await hashing.caught_up()
                 if not whole:
                     yield chunk
                     continue
@@ -185,7 +190,12 @@ class ObjectSource:
                     yield held
                 held = chunk
             if whole:
-                actual = copy.actual_digest() if copy is not None else _hexed(hasher)
+                if copy is not None:
+                    actual = await copy.actual_digest()
+                else:
+                    assert hasher is not None
+                    await hasher.settled()
+                    actual = f"{hasher.name}:{hasher.hexdigest()}"
                 if actual != self.digest:
                     DIGEST_MISMATCHES.inc()
                     log.error("object %s in the bucket is %s: not served", self.digest, actual)
@@ -198,6 +208,8 @@ class ObjectSource:
         finally:
             if copy is not None:
                 copy.discard()
+            if hasher is not None:
+                hasher.close()
             await stream.aclose()
 
     def close(self) -> None:
@@ -413,10 +425,6 @@ class BucketContent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.hot.close()
         await self.objects.close()
-
-
-def _hexed(hasher: Any) -> str:
-    return f"{hasher.name}:{hasher.hexdigest()}"
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

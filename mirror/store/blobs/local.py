@@ -19,10 +19,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from mirror.metrics import DISK_FULL
 from mirror.reference import is_digest, validate_digest
+from mirror.store.hashing import StreamHash
 from mirror.store.index.base import Index
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class BlobStore:
         self.blobs = root / "blobs"
         self._full_until = 0.0
         self._unlinkers: ThreadPoolExecutor | None = None
+        self._hashers: ThreadPoolExecutor | None = None
 
     FULL_FOR = 60.0  # seconds a disk-full error keeps the store in pass-through mode
 
@@ -155,6 +156,13 @@ class BlobStore:
     def writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self, digest)
 
+    def stream_hash(self, algorithm: str) -> StreamHash:
+        """A hash computed on this store's hashing threads (hashing.py): as many as there are
+        cores, since more would only queue for them; created on first use."""
+        if self._hashers is None:
+            self._hashers = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="hash")
+        return StreamHash(algorithm, self._hashers)
+
     async def put(self, digest: str, data: bytes) -> None:
         """Store a small, already-in-memory object (a manifest) under its verified digest."""
         writer = self.writer(digest)
@@ -172,8 +180,7 @@ class BlobWriter:
     def __init__(self, store: BlobStore, digest: str) -> None:
         self.digest = digest
         self.final_path = store.path(digest)
-        algorithm = digest.split(":", 1)[0]
-        self._hash = hashlib.new(algorithm)
+        self._hash = store.stream_hash(digest.split(":", 1)[0])
         self.temp_path = store.tmp / f"{digest.replace(':', '-')}.{secrets.token_hex(6)}"
         self._fd: int | None = os.open(
             self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
@@ -207,10 +214,19 @@ class BlobWriter:
         self.received += len(chunk)
         return rest
 
-    def rehash(self) -> Any:
+    @property
+    def behind(self) -> bool:
+        """The hash (on its thread) lags far behind `write`: await `caught_up` before more."""
+        return self._hash.behind
+
+    async def caught_up(self) -> None:
+        await self._hash.caught_up()
+
+    async def rehash(self) -> StreamHash:
         """The running hash, to go on hashing after this writer is dropped (a copy that hit
         a full disk while its reader still needs the digest checked)."""
-        return self._hash.copy()
+        await self._hash.settled()
+        return self._hash.fork()
 
     def begin_upload(self) -> None:
         """Start sending the bytes to where the engine keeps them for good, if that is not
@@ -227,12 +243,14 @@ class BlobWriter:
         another replica stores (a cluster follower's)."""
         return await BlobWriter.commit(self)
 
-    def actual_digest(self) -> str:
+    async def actual_digest(self) -> str:
+        """The digest of every byte written, once the hashing thread has caught up."""
+        await self._hash.settled()
         return f"{self._hash.name}:{self._hash.hexdigest()}"
 
-    def verify(self) -> None:
+    async def verify(self) -> None:
         """Raises DigestMismatch (the caller discards) unless the bytes are the digest's."""
-        actual = self.actual_digest()
+        actual = await self.actual_digest()
         if actual != self.digest:
             raise DigestMismatch(self.digest, actual)
 
@@ -242,7 +260,7 @@ class BlobWriter:
         The rename happens on the event loop after the awaited fsync, with no await between it
         and the return, so a caller can switch its readers to the final path atomically.
         """
-        self.verify()
+        await self.verify()
         if self.relaying:
             raise OSError(errno.ENOSPC, "disk full: not all of it reached the file")
         fd = self._fd
@@ -259,6 +277,7 @@ class BlobWriter:
         await asyncio.to_thread(_fsync_path, self.final_path.parent)
 
     def discard(self) -> None:
+        self._hash.close()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
