@@ -51,7 +51,7 @@ REDIRECTS = {301, 302, 303, 307, 308}
 MAX_REDIRECTS = 5
 RETRY_DELAYS = (0.2, 0.8)  # bounded: three attempts in all for connect errors and 5xx
 READ_TIMEOUT = 30.0  # seconds an upstream may go silent mid-response before it is resumed
-READ_BUFFER = 1024 * 1024  # a response body buffered before reading pauses (see make_session)
+READ_BUFFER = 1024 * 1024  # aiohttp pauses reading a response at twice this much buffered
 TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 TRANSIENT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)

@@ -20,9 +20,10 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mirror.cpus import cgroup_cpu_limit, default_workers
 from mirror.metrics import DISK_FULL
 from mirror.reference import is_digest, validate_digest
-from mirror.store.hashing import StreamHash
+from mirror.store.hashing import Budget, StreamHash
 from mirror.store.index.base import Index
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class BlobStore:
         self._full_until = 0.0
         self._unlinkers: ThreadPoolExecutor | None = None
         self._hashers: ThreadPoolExecutor | None = None
+        self._hash_budget = Budget()
 
     FULL_FOR = 60.0  # seconds a disk-full error keeps the store in pass-through mode
 
@@ -157,11 +159,14 @@ class BlobStore:
         return BlobWriter(self, digest)
 
     def stream_hash(self, algorithm: str) -> StreamHash:
-        """A hash computed on this store's hashing threads (hashing.py): as many as there are
-        cores, since more would only queue for them; created on first use."""
+        """A hash computed on this process's hashing threads (hashing.py), created on first
+        use: one per CPU the process may use (its cgroup quota counted, as for the number of
+        workers), since more would only queue for them; one memory budget for all."""
         if self._hashers is None:
-            self._hashers = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="hash")
-        return StreamHash(algorithm, self._hashers)
+            cores = len(os.sched_getaffinity(0))
+            threads = default_workers(cores, cgroup_cpu_limit(), cap=cores)
+            self._hashers = ThreadPoolExecutor(threads, thread_name_prefix="hash")
+        return StreamHash(algorithm, self._hashers, self._hash_budget)
 
     async def put(self, digest: str, data: bytes) -> None:
         """Store a small, already-in-memory object (a manifest) under its verified digest."""
