@@ -161,6 +161,10 @@ class SqliteIndex:
             # 64 MiB of pages (default 2): an eviction pass deletes rows all over the digest
             # index (80 MB at a million blobs); re-reading its pages cost 15% of a pass.
             await conn.execute("PRAGMA cache_size=-65536")
+            # Checkpoint at 64 MiB of WAL (default 4 MiB): an eviction pass rewrites pages of
+            # every digest index in each transaction, and each checkpoint copied them to the
+            # database and synced it again: a 10% pass at a million blobs, 22 s -> 16 s.
+            await conn.execute("PRAGMA wal_autocheckpoint=16384")
             await conn.executescript(_SCHEMA)
             await conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             await conn.commit()
