@@ -328,6 +328,9 @@ async def test_pins_are_per_reference_and_counted_on_unpin(index: Index) -> None
     await index.pin(HUB, "r", "v1", {d(1), d(2)})  # again: no duplicates
     await index.pin(HUB, "r", "v2", {d(2), d(3)})
     assert await index.pinned() == {d(1), d(2), d(3)}
+    assert await index.pinned_among([d(2), d(4), d(3), d(2)]) == {d(2), d(3)}
+    assert await index.pinned_among([d(n) for n in range(4, 1200)]) == set()
+    assert await index.pinned_among([]) == set()
     assert await index.is_pinned(d(1)) is True
     assert await index.is_pinned(d(4)) is False
     assert await index.unpin(HUB, "r", "v1") == 2

@@ -151,6 +151,11 @@ class Index(Protocol):
 
     async def pinned(self) -> set[str]: ...
 
+    async def pinned_among(self, digests: list[str]) -> set[str]:
+        """Those of `digests` some pin names: an eviction pass asks before each part it
+        deletes (a pin may have come since it chose), without queueing behind the writer."""
+        ...
+
     async def repositories(self) -> list[tuple[str, str]]:
         """(registry, repository) of every repository with a cached manifest."""
         ...

@@ -375,6 +375,15 @@ class PostgresIndex:
         )
         return {str(row[0]) for row in rows}
 
+    @_guarded
+    async def pinned_among(self, digests: list[str]) -> set[str]:
+        rows = await self._fetch(
+            "SELECT DISTINCT p.digest FROM pins p JOIN unnest($1::text[]) AS u(d) "
+            "ON p.digest = u.d",
+            digests,
+        )
+        return {str(row[0]) for row in rows}
+
     @staticmethod
     async def _upsert_blob(
         conn: Any, digest: str, size: int, media_type: str | None, now: float
