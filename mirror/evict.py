@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 HIGH_WATERMARK = 0.95
 LOW_WATERMARK = 0.90
 # Candidates per query. A pass deletes them in digest order (see _evict): the larger the batch,
-# the fewer times each page of the digest-keyed tables is rewritten. The first is small: a
+# the fewer times each page of the digest indexes is rewritten. The first is small: a
 # download waiting for room (make_room past the cap) waits for the first rows to go.
 FIRST_BATCH = 5000
 BATCH = 50_000
@@ -266,9 +266,9 @@ class Evictor:
             # pages of the digest indexes (blobs' and blob_repositories' keys) are then
             # touched by one transaction each, instead of by every transaction of the pass
             # (the tables themselves, and blobs_by_access, get more scattered writes; the WAL
-            # of a 10% pass shrank by a third in all). A pass cut
-            # short (shutdown, a crash) has removed blobs of its batch's least recently used,
-            # not necessarily the oldest of them first.
+            # of a 10% pass shrank by a third in all). A pass cut short (shutdown, a crash)
+            # has removed blobs of its batch's least recently used, not necessarily the oldest
+            # of them first.
             chosen.sort()
             done = await self._delete(chosen, reason)
             total = Evicted(total.count + done.count, total.bytes + done.bytes)

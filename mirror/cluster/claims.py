@@ -157,6 +157,11 @@ class Claims:
             await asyncio.sleep(HEARTBEAT)
             if not self._held:
                 continue
+            # Only claims held before the UPDATE was sent can be missing from its answer for
+            # being lost: one taken while it ran (its row committed after the UPDATE's
+            # snapshot) is ours, and calling it lost made a replica drop and retake its own
+            # download (seen in CI: a pull then stalled).
+            beating = set(self._held)
             try:
                 rows = await self._run(
                     "heartbeat",
@@ -168,7 +173,7 @@ class Claims:
                 continue
             # A claim that is not ours any more was taken over while this process could not
             # beat (frozen, cut off from the database): its work is someone else's now.
-            lost = self._held - {str(row["key"]) for row in rows}
+            lost = (beating & self._held) - {str(row["key"]) for row in rows}
             if lost:
                 log.warning("claims taken over by another replica: %s", ", ".join(sorted(lost)))
                 self._held -= lost
