@@ -77,6 +77,25 @@ async def test_the_evicted_set_is_exactly_lru_across_batches(
     shared.close()
 
 
+@pytest.fixture
+def one_blob_a_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass removes one blob a step, one step at a time: tests can act between blobs."""
+    monkeypatch.setattr(evict, "PART", 1)
+    monkeypatch.setattr(evict, "PARTS_IN_FLIGHT", 1)
+
+
+async def over_its_cap(
+    tmp_path: Path, index: Index, content: LocalContent
+) -> tuple[Evictor, SharedState]:
+    """An evictor for `cache_of(tmp_path, 10)` (1000 bytes) with its cap lowered to 700:
+    high watermark 665, low 630, so a pass evicts the 4 oldest blobs."""
+    shared = SharedState(tmp_path / "state")
+    evictor = Evictor(index, content, AccessTracker(index), 2000, {}, shared=shared)
+    await evictor.start()
+    evictor.max_size = 700
+    return evictor, shared
+
+
 class Stalls(LocalContent):
     """Removals go through until `allowed` parts are done; the next waits forever (a pass
     caught part-way when the worker shuts down, crashes or a part fails)."""
@@ -94,17 +113,11 @@ class Stalls(LocalContent):
         await super().remove(digests)
 
 
-async def test_a_pass_cut_short_has_removed_only_blobs_of_its_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(evict, "PART", 1)
-    monkeypatch.setattr(evict, "PARTS_IN_FLIGHT", 1)
-    store, index, digests, _ = await cache_of(tmp_path, 10)  # 1000 bytes
+@pytest.mark.usefixtures("one_blob_a_part")
+async def test_a_pass_cut_short_has_removed_only_blobs_of_its_batch(tmp_path: Path) -> None:
+    store, index, digests, _ = await cache_of(tmp_path, 10)
     content = Stalls(store, allowed=2)
-    shared = SharedState(tmp_path / "state")
-    evictor = Evictor(index, content, AccessTracker(index), 2000, {}, shared=shared)
-    await evictor.start()
-    evictor.max_size = 700  # high 665, low 630: the pass would evict the 4 oldest
+    evictor, shared = await over_its_cap(tmp_path, index, content)  # the pass would evict 4
     # A reservation past the cap starts the pass and waits for room (never, here: it stalls).
     waiting = asyncio.create_task(evictor.make_room(0))
     await asyncio.wait_for(content.stalled.wait(), 5)
@@ -135,17 +148,11 @@ class PinsMidBatch(LocalContent):
         await super().remove(digests)
 
 
-async def test_a_pin_committed_during_a_batch_protects_its_blobs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(evict, "PART", 1)
-    monkeypatch.setattr(evict, "PARTS_IN_FLIGHT", 1)
+@pytest.mark.usefixtures("one_blob_a_part")
+async def test_a_pin_committed_during_a_batch_protects_its_blobs(tmp_path: Path) -> None:
     store, index, digests, _ = await cache_of(tmp_path, 10)
     content = PinsMidBatch(store, index, digests[:4])  # the pass evicts the 4 oldest
-    shared = SharedState(tmp_path / "state")
-    evictor = Evictor(index, content, AccessTracker(index), 2000, {}, shared=shared)
-    await evictor.start()
-    evictor.max_size = 700
+    evictor, shared = await over_its_cap(tmp_path, index, content)
     await evictor.make_room(0)
     await evictor.settled()
     victim = content.victim

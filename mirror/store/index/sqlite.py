@@ -12,7 +12,7 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -109,6 +109,13 @@ _RECORDS_ABOUT_A_BLOB = (
     ("tags", "digest"),
     ("blob_repositories", "digest"),
 )
+
+
+def _in_chunks(digests: list[str]) -> Iterator[tuple[list[str], str]]:
+    """`digests` in chunks of _IN_CHUNK, each with its `?,?,...` for an `IN (...)`."""
+    for start in range(0, len(digests), _IN_CHUNK):
+        chunk = digests[start : start + _IN_CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
 
 
 def _like(text: str) -> str:
@@ -358,9 +365,7 @@ class SqliteIndex:
         forgets 100,000 blobs, and a statement costs more than the rows it touches.
         """
         freed = 0
-        for start in range(0, len(digests), _IN_CHUNK):
-            chunk = digests[start : start + _IN_CHUNK]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_chunks(digests):
             async with self._db.execute(
                 f"DELETE FROM blobs WHERE digest IN ({marks}) RETURNING size", chunk
             ) as cur:
@@ -382,9 +387,7 @@ class SqliteIndex:
     async def pinned_among(self, digests: list[str]) -> set[str]:
         """On the reader connection (see `holds`): no wait for the writer's transaction."""
         found: set[str] = set()
-        for start in range(0, len(digests), _IN_CHUNK):
-            chunk = digests[start : start + _IN_CHUNK]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_chunks(digests):
             async with self._reader.execute(
                 f"SELECT DISTINCT digest FROM pins WHERE digest IN ({marks})", chunk
             ) as cur:
