@@ -81,6 +81,22 @@ async def test_ranged_read_streams_in_chunks(store: ObjectStore) -> None:
     assert [chunk async for chunk in stream] == []
 
 
+async def test_a_body_shorter_than_the_range_asked_is_an_error_not_an_end(
+    store: ObjectStore,
+) -> None:
+    """An object shorter than its index row says (replaced in the bucket): S3 answers the
+    range it has, and the stream fails after the last byte it got instead of ending cleanly,
+    so the client's response is cut, never completed short."""
+    data = os.urandom(300_000)
+    digest = digest_of(data)
+    await store.put(digest, data)
+    got = bytearray()
+    with pytest.raises(ObjectStoreError, match="short of the range"):
+        async for chunk in await store.read(digest, 0, 2 * len(data)):
+            got += chunk
+    assert bytes(got) == data
+
+
 async def test_abort_leaves_no_object_and_no_pending_upload(
     store: ObjectStore, seaweed: SeaweedFS
 ) -> None:

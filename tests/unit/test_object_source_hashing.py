@@ -1,6 +1,6 @@
-"""ObjectSource.segments (the bucket path) with the hash on a pool thread, with and without a
-hot copy, and a hot copy whose disk fails mid-stream (`rehash()` -> fork): whole reads are
-verified before their last chunk, ranged reads pass through."""
+"""ObjectSource.segments (the bucket path): a whole read that fills the hot tier is verified
+before its last chunk (hash on a pool thread), also when the copy's disk fails mid-stream
+(`rehash()` -> fork); without a copy, whole and ranged reads are relayed as stored."""
 
 from __future__ import annotations
 
@@ -82,16 +82,15 @@ async def _read_all(source: ObjectSource, size: int) -> tuple[bytes, BaseExcepti
     return bytes(got), None
 
 
-@pytest.mark.parametrize("hot_cap", [0, 1 << 30])
 @pytest.mark.parametrize("corrupt", [False, True])
 @pytest.mark.parametrize("failing_copy", [False, True])
-async def test_a_whole_read_is_verified_before_its_last_chunk(
-    tmp_path: Path, hot_cap: int, corrupt: bool, failing_copy: bool
+async def test_a_whole_read_filling_the_hot_tier_is_verified_before_its_last_chunk(
+    tmp_path: Path, corrupt: bool, failing_copy: bool
 ) -> None:
     data = random.Random(3).randbytes(9 * PIECE + 123)
     digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
     stored = data[:-1] + b"\x00" if corrupt else data
-    content, objects = _content(tmp_path, stored, hot_cap)
+    content, objects = _content(tmp_path, stored, 1 << 30)
     if failing_copy:
         content.hot_copy = lambda d: _FailingCopy(content.files, d)  # type: ignore[method-assign,assignment]
     source = ObjectSource(content, digest, len(data))
@@ -103,7 +102,7 @@ async def test_a_whole_read_is_verified_before_its_last_chunk(
     else:
         assert error is None and got == data
         kept = content.files.path(digest).exists()
-        assert kept == (hot_cap > 0 and not failing_copy)
+        assert kept == (not failing_copy)
         if kept:
             assert content.files.path(digest).read_bytes() == data
     assert all(stream.closed for stream in objects.streams)
@@ -132,3 +131,25 @@ async def test_a_ranged_read_is_passed_through(tmp_path: Path) -> None:
     got = b"".join([s async for s in source.segments(10, 3 * PIECE)])  # type: ignore[misc]
     assert got == data[10 : 3 * PIECE]
     assert not content.files.path(digest).exists()
+
+
+async def test_a_whole_read_without_a_copy_is_relayed_as_stored_and_not_hashed(
+    tmp_path: Path,
+) -> None:
+    """Tier off: the object's bytes, every one, and no hash made (it was verified before its
+    upload completed; the client checks the digest)."""
+    data = random.Random(7).randbytes(5 * PIECE + 9)
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    stored = data[:-1] + b"\x00"
+    content, objects = _content(tmp_path, stored, 0)
+
+    def no_hash(algorithm: str) -> None:
+        raise AssertionError("a relayed read was hashed")
+
+    content.files.stream_hash = no_hash  # type: ignore[method-assign,assignment]
+    source = ObjectSource(content, digest, len(data))
+    got, error = await _read_all(source, len(data))
+    assert error is None and got == stored
+    assert all(stream.closed for stream in objects.streams)
+    assert not content.files.path(digest).exists()
+    assert [p.name for p in content.files.tmp.iterdir()] == []

@@ -136,8 +136,9 @@ class ObjectSource:
 
     A whole-blob read also fills the hot tier: the bytes streamed to the client are written
     to a local temp file on the way, verified at the end, and kept under the blob's final
-    name, so the next request is a sendfile hit. Whatever goes wrong there (a full disk, a
-    digest mismatch, the client leaving) only drops the local copy, never the client."""
+    name, so the next request is a sendfile hit. A full disk or the client leaving only
+    drops the local copy; a digest mismatch drops it and ends the client's response short
+    of its last chunk."""
 
     origin: Origin = "cache"
 
@@ -157,16 +158,27 @@ class ObjectSource:
         return await self._objects.presign(self.digest, PRESIGN_EXPIRES)
 
     async def segments(self, start: int, end: int | None) -> AsyncIterator[Segment]:
-        """A whole-blob read is verified as it streams, its last chunk held back until the
-        digest matched (as for a download): a bucket is storage others may write to. A
-        ranged read cannot be checked and is passed through."""
+        """Bytes [start, end) as the bucket holds them, unless a whole-blob read fills the hot
+        tier: that copy is verified before it is kept, and the client's last chunk is held
+        back until it is, so a bad object is neither kept nor served in full.
+
+        Without a copy (the tier is off or the disk full, or a ranged read) the object is
+        relayed as stored, as distribution's S3 driver relays it: it was verified before its
+        upload was completed (nothing else becomes an object under a digest key, bucket.py),
+        and every pull client checks the digest of what it receives. Hashing it again on
+        each read was half the relay's throughput on a machine whose cores also run the
+        store and the client (bench/README.md, bench/shared figure 2)."""
         stop = self._size if end is None else end
         stream = await self._objects.read(self.digest, start, stop)
-        whole = (start, stop) == (0, self._size)
-        copy = self._content.hot_copy(self.digest) if whole else None
-        hasher: StreamHash | None = None
-        if whole and copy is None:
-            hasher = self._content.files.stream_hash(self.digest.split(":", 1)[0])
+        copy = self._content.hot_copy(self.digest) if (start, stop) == (0, self._size) else None
+        if copy is None:
+            try:
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                await stream.aclose()
+            return
+        hasher: StreamHash | None = None  # takes over from the copy if its disk fails
         held = b""
         try:
             async for chunk in stream:
@@ -178,30 +190,27 @@ class ObjectSource:
                         hasher.update(chunk)
                         copy.discard()
                         copy = None
-                elif hasher is not None:
+                else:
+                    assert hasher is not None
                     hasher.update(chunk)
                 hashing = copy or hasher
                 if hashing is not None and hashing.behind:  # its thread lags: bounded memory
                     await hashing.caught_up()
-                if not whole:
-                    yield chunk
-                    continue
                 if held:
                     yield held
                 held = chunk
-            if whole:
-                if copy is not None:
-                    actual = await copy.actual_digest()
-                else:
-                    assert hasher is not None
-                    await hasher.settled()
-                    actual = f"{hasher.name}:{hasher.hexdigest()}"
-                if actual != self.digest:
-                    DIGEST_MISMATCHES.inc()
-                    log.error("object %s in the bucket is %s: not served", self.digest, actual)
-                    raise DigestMismatch(self.digest, actual)
-                if held:
-                    yield held
+            if copy is not None:
+                actual = await copy.actual_digest()
+            else:
+                assert hasher is not None
+                await hasher.settled()
+                actual = f"{hasher.name}:{hasher.hexdigest()}"
+            if actual != self.digest:
+                DIGEST_MISMATCHES.inc()
+                log.error("object %s in the bucket is %s: not served", self.digest, actual)
+                raise DigestMismatch(self.digest, actual)
+            if held:
+                yield held
             if copy is not None:
                 await self._content.keep_hot(copy)
                 copy = None

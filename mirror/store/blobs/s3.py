@@ -46,7 +46,6 @@ MiB = 1024 * 1024
 PART_SIZE = 8 * MiB
 MIN_PART_SIZE = 5 * MiB  # S3's floor for every part but the last
 MAX_PARTS = 10_000  # S3's ceiling on parts per upload
-CHUNK = 256 * 1024  # read() yields what has arrived, at most this much at a time
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
 DELETES_IN_FLIGHT = 4  # DeleteObjects requests of one `delete` at once
 
@@ -102,10 +101,12 @@ def _is_missing(error: ClientError) -> bool:
 
 
 @contextlib.contextmanager
-def _errors(operation: str, key: str) -> Iterator[None]:
+def _errors(operation: str, key: str, timed: bool = True) -> Iterator[None]:
     """Translate what botocore and aiohttp raise into ObjectStoreError. botocore's messages
     carry the operation, error code, server message and endpoint, never keys or signatures,
-    but ours is built from the parts anyway so that no future botocore message can leak one."""
+    but ours is built from the parts anyway so that no future botocore message can leak one.
+    `timed`: observe the duration as the operation's latency (not for each piece of a body:
+    that is a wait for the next bytes, and a histogram write per piece of a relay)."""
     label = operation.split(" ", 1)[0]  # "UploadPart 3" is operation UploadPart
     started = time.perf_counter()
     try:
@@ -120,7 +121,8 @@ def _errors(operation: str, key: str) -> Iterator[None]:
         BACKEND_ERRORS.labels("s3", label).inc()
         raise ObjectStoreError(f"S3 {operation} {key}: {type(error).__name__}") from None
     finally:
-        BACKEND_DURATION.labels("s3", label).observe(time.perf_counter() - started)
+        if timed:
+            BACKEND_DURATION.labels("s3", label).observe(time.perf_counter() - started)
 
 
 def parse_key(key: str, prefix: str) -> str | None:
@@ -253,7 +255,7 @@ class ObjectStore:
             response = await self._client.get_object(
                 Bucket=self.settings.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
             )
-        return ObjectStream(response["Body"], key)
+        return ObjectStream(response["Body"], key, end - start)
 
     async def delete(self, digests: list[str]) -> None:
         """DeleteObjects in batches of 1000, DELETES_IN_FLIGHT at once (a request of 1000 keys
@@ -335,11 +337,15 @@ async def _abort(client: S3Client, bucket: str, key: str, upload_id: str) -> Non
 
 
 class ObjectStream:
-    """The body of a ranged GET as an async iterator of chunks, errors as ObjectStoreError."""
+    """The body of a ranged GET as an async iterator of the pieces received, errors as
+    ObjectStoreError. Each piece is what the connection's reads brought, not joined into
+    chunks of a fixed size: a relay to a client has no use for the copy. A body that ends
+    before `length` bytes is an error, never a short success."""
 
-    def __init__(self, body: StreamingBody | None, key: str) -> None:
+    def __init__(self, body: StreamingBody | None, key: str, length: int = 0) -> None:
         self._body = body
         self._key = key
+        self._left = length
 
     def __aiter__(self) -> ObjectStream:
         return self
@@ -348,12 +354,19 @@ class ObjectStream:
         if self._body is None:
             raise StopAsyncIteration
         try:
-            with _errors("GetObject body", self._key):
-                chunk = await self._body.read(CHUNK)
+            with _errors("GetObject body", self._key, timed=False):
+                chunk = await _next_piece(self._body.raw_stream.content)
+            self._left -= len(chunk)
+            if self._left < 0 or (not chunk and self._left):
+                BACKEND_ERRORS.labels("s3", "GetObject").inc()
+                raise ObjectStoreError(
+                    f"S3 GetObject body {self._key}: {abs(self._left)} bytes "
+                    f"{'over' if self._left < 0 else 'short of'} the range"
+                )
         except BaseException:
             await self.aclose()
             raise
-        if not chunk:  # the end; botocore has checked the length against Content-Length
+        if not chunk:
             await self.aclose()
             raise StopAsyncIteration
         return chunk
@@ -362,6 +375,16 @@ class ObjectStream:
         body, self._body = self._body, None
         if body is not None:
             body.close()
+
+
+async def _next_piece(content: aiohttp.StreamReader) -> bytes:
+    """The next piece as received, b"" at the end. `readchunk`, not `readany`: readany joins
+    every piece buffered (a third of a relay's samples were that copy); an empty piece that
+    only marks the end of an HTTP chunk (chunked encoding) is skipped."""
+    while True:
+        piece, chunk_ended = await content.readchunk()
+        if piece or not chunk_ended:
+            return piece
 
 
 class ObjectUpload:
