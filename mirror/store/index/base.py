@@ -9,6 +9,7 @@ when upstream last confirmed it, pins, access times and traffic.
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -150,6 +151,11 @@ class Index(Protocol):
     async def unpin(self, registry: str, repository: str, reference: str) -> int: ...
 
     async def pinned(self) -> set[str]: ...
+
+    def deleting_in_bulk(self) -> AbstractAsyncContextManager[None]:
+        """Around the many `forget_blobs` of one eviction pass: an engine may put off work
+        every commit would otherwise repeat (SQLite's WAL checkpoints) until the pass ends."""
+        ...
 
     async def pinned_among(self, digests: list[str]) -> set[str]:
         """Those of `digests` some pin names: an eviction pass asks before each part it

@@ -375,6 +375,11 @@ class PostgresIndex:
         )
         return {str(row[0]) for row in rows}
 
+    @contextlib.asynccontextmanager
+    async def deleting_in_bulk(self) -> AsyncIterator[None]:
+        """Nothing to put off: PostgreSQL's checkpoints and vacuum run in its own processes."""
+        yield
+
     @_guarded
     async def pinned_among(self, digests: list[str]) -> set[str]:
         rows = await self._fetch(
