@@ -22,7 +22,8 @@ import aiosqlite
 
 from mirror.store.index.base import ImageRow, TagRow, Traffic
 
-SCHEMA_VERSION = 3  # 2: blob_repositories; 3: usage_totals
+# 2: blob_repositories; 3: usage_totals; 4: blob_repositories keyed by digest first
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -67,12 +68,11 @@ CREATE TABLE IF NOT EXISTS tags (
 );
 CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (digest);
 CREATE TABLE IF NOT EXISTS blob_repositories (
-    registry    TEXT NOT NULL,  -- a blob this repository is known to hold without a cached
-    repository  TEXT NOT NULL,  -- manifest of it naming the blob: fetched under it, or
-    digest      TEXT NOT NULL,  -- confirmed by the upstream as it (see membership.py)
-    PRIMARY KEY (registry, repository, digest)
-);
-CREATE INDEX IF NOT EXISTS blob_repositories_by_digest ON blob_repositories (digest);
+    digest      TEXT NOT NULL,  -- a blob this repository is known to hold without a cached
+    registry    TEXT NOT NULL,  -- manifest of it naming the blob: fetched under it, or
+    repository  TEXT NOT NULL,  -- confirmed by the upstream as it (see membership.py)
+    PRIMARY KEY (digest, registry, repository)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS traffic (
     hour            INTEGER PRIMARY KEY,  -- unix time // 3600
     cache_bytes     INTEGER NOT NULL DEFAULT 0,  -- blob bytes served without crossing the internet
@@ -107,6 +107,28 @@ AUTOCHECKPOINT = 16384  # pages of WAL (64 MiB) after which a commit checkpoints
 # 400 MiB of WAL) does not reach; the pass checkpoints at its end instead.
 BULK_AUTOCHECKPOINT = 262144
 
+# Schema 4: blob_repositories was a rowid table with two indexes, its key (registry,
+# repository, digest) and digest alone. Its only questions are one row by all three columns
+# and every row of a digest (forgetting a blob), so one B-tree keyed digest first answers
+# both: an eviction pass deleting 10% of a million blobs rewrote three B-trees' pages all
+# over them, and now one. Rebuilt once, in the transaction that records the version: a
+# worker opening meanwhile waits (busy timeout) and finds it done. The columns are declared
+# in the key's order: with any other, SQLite 3.40's `quick_check` (Debian 12's; start-up's
+# damage check, recovery.py) reports every row's key columns as NULL, and the index would be
+# moved aside as damaged.
+_MIGRATE_TO_4 = """
+CREATE TABLE blob_repositories_4 (
+    digest      TEXT NOT NULL,
+    registry    TEXT NOT NULL,
+    repository  TEXT NOT NULL,
+    PRIMARY KEY (digest, registry, repository)
+) WITHOUT ROWID;
+INSERT INTO blob_repositories_4 (digest, registry, repository)
+    SELECT digest, registry, repository FROM blob_repositories ORDER BY digest;
+DROP TABLE blob_repositories;
+ALTER TABLE blob_repositories_4 RENAME TO blob_repositories;
+"""
+
 # Bound parameters per `IN (...)`: under SQLite's historical limit of 999 variables.
 _IN_CHUNK = 500
 # What else names a blob by digest, cleared with its row.
@@ -116,6 +138,30 @@ _RECORDS_ABOUT_A_BLOB = (
     ("tags", "digest"),
     ("blob_repositories", "digest"),
 )
+
+
+async def _migrate(conn: aiosqlite.Connection) -> None:
+    """Rebuild what an index of an older version holds in an older shape; the version is
+    read and written inside one IMMEDIATE transaction, so of workers opening at once one
+    migrates and the others find it done. A new file is left to `_SCHEMA`."""
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        async with conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        async with conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blob_repositories'"
+        ) as cur:
+            had_table = await cur.fetchone() is not None
+        if had_table and version < 4:
+            for statement in _MIGRATE_TO_4.split(";"):
+                if statement.strip():
+                    await conn.execute(statement)
+            await conn.execute("PRAGMA user_version=4")
+        await conn.commit()
+    except BaseException:
+        await conn.rollback()
+        raise
 
 
 def _checkpoint(path: Path) -> None:
@@ -196,6 +242,7 @@ class SqliteIndex:
             # end (`deleting_in_bulk`).
             await conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT}")
             await conn.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
+            await _migrate(conn)
             await conn.executescript(_SCHEMA)
             await conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             await conn.commit()
