@@ -1,0 +1,61 @@
+"""The claims heartbeat (cluster/claims.py) against a real PostgreSQL: a claim taken while the
+heartbeat's UPDATE runs is not reported lost. (It was: the UPDATE's snapshot does not see a row
+committed after it began, and a replica dropped and retook its own download.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from mirror.cluster import claims as claims_module
+from mirror.cluster.claims import Claims
+from mirror.store.index.postgres import PostgresIndex
+from tests.fixtures.postgres import PostgresServer
+
+pytestmark = pytest.mark.integration
+
+
+async def heartbeat_waiting_on_a_lock(conn: asyncpg.Connection, timeout: float) -> None:
+    """Until the heartbeat's UPDATE is blocked on the row the test holds locked. Asked on a
+    connection outside any transaction: pg_stat_activity is read once per transaction."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE 'UPDATE claims SET heartbeat%'"
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the heartbeat never ran into the lock")
+
+
+async def test_a_claim_taken_during_a_heartbeat_is_not_lost(pg_server: PostgresServer) -> None:
+    database = await pg_server.create_database()
+    dsn = pg_server.dsn(database)
+    await (await PostgresIndex.open(dsn, password=pg_server.password)).close()  # the schema
+    claims = await Claims.open(dsn, pg_server.password, peer=None)
+    blocker = await asyncpg.connect(dsn, password=pg_server.password)
+    watcher = await asyncpg.connect(dsn, password=pg_server.password)
+    try:
+        await claims.take("blob:first")
+        # Hold the first claim's row: the next heartbeat's UPDATE (snapshot taken) waits on
+        # it; meanwhile a second claim is taken and committed, unseen by that snapshot.
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("SELECT 1 FROM claims WHERE key = 'blob:first' FOR UPDATE")
+        await heartbeat_waiting_on_a_lock(watcher, timeout=3 * claims_module.HEARTBEAT)
+        await claims.take("blob:second")
+        await transaction.commit()
+        await asyncio.sleep(2.5 * claims_module.HEARTBEAT)  # that beat answers, and the next
+        assert not claims.lost("blob:second")
+        assert not claims.lost("blob:first")
+        holder = await claims.take("blob:second")
+        assert holder.owner == claims.owner
+    finally:
+        await watcher.close()
+        await blocker.close()
+        await claims.close()
+        await pg_server.drop_database(database)
