@@ -23,6 +23,7 @@ from mirror.config import Config, ConfigError, load_config
 from mirror.listeners import ListenError
 from mirror.logs import setup_logging
 from mirror.prefetch import human_bytes, prefetch
+from mirror.recovery import IndexOpenError
 from mirror.store.engines import open_index
 from mirror.store.index import Index, SqliteIndex
 from mirror.workers import WORKER_FLAG, die_with_parent, run_worker, supervise
@@ -208,11 +209,11 @@ def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
             config.admin_port, config.workers, config.data_dir, registries,
         )  # fmt: skip
 
-    if config.workers > 1:
-        return supervise(config, argv, announce)
     try:
+        if config.workers > 1:
+            return supervise(config, argv, announce)
         uvloop.run(run(config, tls, ready=announce))
-    except ListenError as exc:
+    except (ListenError, IndexOpenError) as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -55,7 +55,7 @@ PART = 500  # files unlinked (objects deleted) per step of a pass
 # on a local disk the unlink threads (local.py) are shared by all steps, so it changes little.
 PARTS_IN_FLIGHT = 4
 ROWS = 10_000  # rows forgotten per index transaction at most: another worker's commit waits
-# for one at most (0.3 s at a million rows on a virtual disk, rows in digest order). Fewer,
+# for one at most (0.8 s at a million rows on a virtual disk, rows in digest order). Fewer,
 # larger transactions rewrite the pages every one touches (blobs_by_access, the table's
 # own) fewer times: SQLite's deletes of a 10% pass at a million, 5.2 s in transactions of
 # 10,000 rows against 6.1 s in ones of 2,500.

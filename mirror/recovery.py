@@ -46,6 +46,7 @@ from mirror.reference import validate_digest
 from mirror.shared import claim_notes, remove_if_unheld
 from mirror.store.blobs import BlobStore
 from mirror.store.index import Index, SqliteIndex
+from mirror.store.index.sqlite import SchemaTooNew
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +137,32 @@ def _strays_outside_prefixes(store: BlobStore) -> list[Path]:
     return strays
 
 
+class IndexOpenError(Exception):
+    """The index cannot be opened now, and is not damaged: start-up stops and says why."""
+
+
+# SQLite's primary result codes that mean the file itself is bad (its extended codes add bits
+# above the low byte).
+_DAMAGE = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 async def _open_index(path: Path) -> tuple[Index, bool]:
-    """Open the index; if SQLite finds it damaged, move it aside and start a new one."""
+    """Open the index; if SQLite finds it damaged, move it aside and start a new one.
+
+    Damaged means a file SQLite calls corrupt or not a database, or one that fails its
+    quick_check. Anything else (the disk full, the file locked past the busy timeout, an
+    I/O error, a schema newer than this mirror's) stops the start instead: the file may be
+    sound, and starting anew would throw away its pins, tags and holders for good."""
     try:
         index = await SqliteIndex.open(path)
         if await index.integrity_ok():
             return index, False
         await index.close()
-    except sqlite3.DatabaseError:
-        pass
+    except SchemaTooNew as exc:
+        raise IndexOpenError(f"index {path}: {exc}") from None
+    except sqlite3.DatabaseError as exc:
+        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _DAMAGE:
+            raise IndexOpenError(f"index {path} cannot be opened: {exc}") from None
     aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
     for suffix in ("", "-wal", "-shm"):
         candidate = Path(f"{path}{suffix}")

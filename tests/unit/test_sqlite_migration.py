@@ -105,3 +105,25 @@ async def test_a_new_index_with_holders_passes_the_start_up_damage_check(tmp_pat
         assert await index.integrity_ok()
     finally:
         await index.close()
+
+
+async def test_a_version_4_index_is_not_rebuilt_at_each_start(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    index = await SqliteIndex.open(path)
+    await index.add_holder("docker.io", "team/a", digest(1))
+    await index.close()
+
+    def root_page() -> int:
+        db = sqlite3.connect(path)
+        try:
+            return int(
+                db.execute(
+                    "SELECT rootpage FROM sqlite_master WHERE name = 'blob_repositories'"
+                ).fetchone()[0]
+            )
+        finally:
+            db.close()
+
+    before = root_page()
+    await (await SqliteIndex.open(path)).close()
+    assert root_page() == before  # a rebuilt table would be a new B-tree elsewhere

@@ -30,6 +30,7 @@ from typing import Any
 from cachetools import LRUCache
 
 from mirror.metrics import DIGEST_MISMATCHES
+from mirror.reference import validate_digest
 from mirror.store.blobs.local import BlobStore, BlobWriter, DigestMismatch, digest_of
 from mirror.store.blobs.s3 import ObjectStore
 from mirror.store.hashing import StreamHash
@@ -366,6 +367,11 @@ class BucketContent:
         return data
 
     async def put(self, digest: str, data: bytes) -> None:
+        """A small object already in memory (a manifest), checked against its digest before
+        the bucket gets it: nothing unverified is ever written under a digest key."""
+        actual = digest_of(data, validate_digest(digest).split(":", 1)[0])
+        if actual != digest:
+            raise DigestMismatch(digest, actual)
         await self.objects.put(digest, data)
         await self.files.put(digest, data)
         self.hot.added(len(data))

@@ -245,7 +245,10 @@ class ObjectStore:
     async def read(self, digest: str, start: int, end: int) -> ObjectStream:
         """Bytes [start, end) as they arrive. The GET is made here, so a missing object raises
         ObjectMissing before the caller commits to a response; the caller iterates the stream
-        to its end or `aclose()`s it, which returns the connection."""
+        to its end (the connection goes back to the pool) or `aclose()`s it (the connection
+        is closed). A server that answers another range than the one asked (one ignoring
+        `Range` answers 200 and the whole object) is an error before any byte is relayed:
+        a client resuming at an offset would keep the wrong bytes."""
         key = self.key(digest)
         if not 0 <= start <= end:
             raise ValueError(f"bad range [{start}, {end})")
@@ -254,6 +257,16 @@ class ObjectStore:
         async with self._bounded("GetObject", key):
             response = await self._client.get_object(
                 Bucket=self.settings.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+            )
+        answered = response.get("ContentRange")
+        if (answered is None and start) or (
+            answered is not None and not answered.startswith(f"bytes {start}-{end - 1}/")
+        ):
+            response["Body"].close()
+            BACKEND_ERRORS.labels("s3", "GetObject").inc()
+            raise ObjectStoreError(
+                f"S3 GetObject {key}: asked for bytes {start}-{end - 1}, "
+                f"answered {answered or 'the whole object'}"
             )
         return ObjectStream(response["Body"], key, end - start)
 

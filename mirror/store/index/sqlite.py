@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -24,6 +25,8 @@ from mirror.store.index.base import ImageRow, TagRow, Traffic
 
 # 2: blob_repositories; 3: usage_totals; 4: blob_repositories keyed by digest first
 SCHEMA_VERSION = 4
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -140,15 +143,27 @@ _RECORDS_ABOUT_A_BLOB = (
 )
 
 
+class SchemaTooNew(Exception):
+    """The file was written by a newer mirror: opened here, its newer shape would be marked
+    with this version, and a later upgrade would migrate it a second time."""
+
+
 async def _migrate(conn: aiosqlite.Connection) -> None:
-    """Rebuild what an index of an older version holds in an older shape; the version is
-    read and written inside one IMMEDIATE transaction, so of workers opening at once one
-    migrates and the others find it done. A new file is left to `_SCHEMA`."""
+    """Rebuild what an index of an older version holds in an older shape. The supervisor
+    opens the index before it starts its workers, so it is the one that migrates; the
+    version is read and written inside one IMMEDIATE transaction all the same, so that any
+    other opener (`mirror` tools, a worker restarted meanwhile) waits for it and finds it
+    done. A new file is left to `_SCHEMA`."""
     await conn.execute("BEGIN IMMEDIATE")
     try:
         async with conn.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"index schema version {version} is newer than this mirror's "
+                f"{SCHEMA_VERSION}: written by a newer release"
+            )
         async with conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blob_repositories'"
         ) as cur:
@@ -214,6 +229,7 @@ class SqliteIndex:
         self, conn: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path
     ) -> None:
         self._path = path
+        self._forgotten_in_bulk = 0  # blob rows forgotten since `deleting_in_bulk` began
         self._db = conn
         self._lock = asyncio.Lock()
         # The hit path's one question (`holds`, the first hit of a blob in a repository) goes
@@ -432,6 +448,7 @@ class SqliteIndex:
         forgets 100,000 blobs, and a statement costs more than the rows it touches.
         """
         freed = 0
+        self._forgotten_in_bulk += len(digests)
         for chunk, marks in _in_chunks(digests):
             async with self._db.execute(
                 f"DELETE FROM blobs WHERE digest IN ({marks}) RETURNING size", chunk
@@ -459,15 +476,27 @@ class SqliteIndex:
         pass's deletes took 6.1 s with them and 4.3 s with one at the end, in transactions of
         10,000 rows. The end's checkpoint runs on a connection of its own, in a thread:
         neither the writer nor the hit path's reader waits for it (PASSIVE: it copies what
-        no reader still needs, and the next commit's checkpoint finishes the rest)."""
+        no reader still needs, and the next commit's checkpoint finishes the rest); if it
+        fails, the pass does not (its deletes are committed), and a later commit checkpoints.
+
+        Only this connection's commits put it off. Another worker process's connection keeps
+        its threshold: a commit of its during a pass checkpoints what the WAL holds by then
+        (1.6 s for 250 MiB, that worker's index writes waiting meanwhile), as any commit past
+        64 MiB of WAL did before."""
         async with self._lock:
             await self._db.execute(f"PRAGMA wal_autocheckpoint={BULK_AUTOCHECKPOINT}")
+        self._forgotten_in_bulk = 0
         try:
             yield
         finally:
             async with self._lock:
                 await self._db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT}")
-        await asyncio.to_thread(_checkpoint, self._path)  # not when cut short (shutdown)
+        if not self._forgotten_in_bulk:
+            return  # nothing was deleted (a max_age pass that found nothing): no WAL to copy
+        try:  # not when cut short (shutdown): after the `finally`
+            await asyncio.to_thread(_checkpoint, self._path)
+        except sqlite3.Error as exc:  # the deletes are committed; a later commit checkpoints
+            log.warning("checkpoint after an eviction pass failed: %s", exc)
 
     async def pinned_among(self, digests: list[str]) -> set[str]:
         """On the reader connection (see `holds`): no wait for the writer's transaction."""
