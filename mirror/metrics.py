@@ -122,7 +122,8 @@ CACHE_MANIFESTS = Gauge(
     "mirror_cache_manifests", "Cached manifests", multiprocess_mode="mostrecent"
 )
 DIGEST_MISMATCHES = Counter(
-    "mirror_digest_mismatches_total", "Upstream content that failed digest verification (discarded)"
+    "mirror_digest_mismatches_total",
+    "Content that failed digest verification (discarded): upstream, or a bucket object",
 )
 UPSTREAM_RESUMES = Counter(
     "mirror_upstream_resumes_total", "Blob downloads resumed with Range after an interruption"
