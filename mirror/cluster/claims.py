@@ -75,7 +75,10 @@ class Claims:
         self.owner = owner  # unique per process and start
         self.peer = peer  # this replica's peer endpoint, for followers of its downloads
         self._hidden = hidden
-        self._held: set[str] = set()
+        # Held claims, each with the number of the take that got it: a claim released and
+        # taken again is another holding, which an older heartbeat knows nothing of.
+        self._held: dict[str, int] = {}
+        self._takes = 0
         self._lost: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -122,7 +125,8 @@ class Claims:
         the claim is ours now (new, taken over from a stale holder, or already ours)."""
         rows = await self._run("take", _TAKE, key, self.owner, peer, STALE)
         if rows:
-            self._held.add(key)
+            self._takes += 1
+            self._held[key] = self._takes
             self._lost.discard(key)
             return Holder(self.owner, peer)
         rows = await self._run("holder", "SELECT owner, peer FROM claims WHERE key = $1", key)
@@ -131,7 +135,7 @@ class Claims:
         return Holder(str(rows[0]["owner"]), rows[0]["peer"])
 
     async def release(self, key: str) -> None:
-        self._held.discard(key)
+        self._held.pop(key, None)
         self._lost.discard(key)
         await self._run(
             "release", "DELETE FROM claims WHERE key = $1 AND owner = $2", key, self.owner
@@ -157,11 +161,12 @@ class Claims:
             await asyncio.sleep(HEARTBEAT)
             if not self._held:
                 continue
-            # Only claims held before the UPDATE was sent can be missing from its answer for
-            # being lost: one taken while it ran (its row committed after the UPDATE's
-            # snapshot) is ours, and calling it lost made a replica drop and retake its own
-            # download (seen in CI: a pull then stalled).
-            beating = set(self._held)
+            # Only holdings that began before the UPDATE was sent can be missing from its
+            # answer for being lost: a claim taken while it ran (its row committed after the
+            # UPDATE's snapshot), or released and taken again meanwhile, is ours, and calling
+            # it lost made a replica drop and retake its own download (seen in CI: a pull
+            # then stalled).
+            beating = dict(self._held)
             try:
                 rows = await self._run(
                     "heartbeat",
@@ -173,10 +178,16 @@ class Claims:
                 continue
             # A claim that is not ours any more was taken over while this process could not
             # beat (frozen, cut off from the database): its work is someone else's now.
-            lost = (beating & self._held) - {str(row["key"]) for row in rows}
+            answered = {str(row["key"]) for row in rows}
+            lost = {
+                key
+                for key, take in beating.items()
+                if self._held.get(key) == take and key not in answered
+            }
             if lost:
                 log.warning("claims taken over by another replica: %s", ", ".join(sorted(lost)))
-                self._held -= lost
+                for key in lost:
+                    del self._held[key]
                 self._lost |= lost
 
     def lost(self, key: str) -> bool:

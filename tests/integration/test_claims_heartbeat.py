@@ -1,6 +1,7 @@
-"""The claims heartbeat (cluster/claims.py) against a real PostgreSQL: a claim taken while the
-heartbeat's UPDATE runs is not reported lost. (It was: the UPDATE's snapshot does not see a row
-committed after it began, and a replica dropped and retook its own download.)"""
+"""The claims heartbeat (cluster/claims.py) against a real PostgreSQL: a claim taken, or
+released and taken again, while the heartbeat's UPDATE runs is not reported lost. (It was: the
+UPDATE's snapshot does not see a row committed after it began, and a replica dropped and retook
+its own download.) The UPDATE is held on a row lock the test takes, so the order is certain."""
 
 from __future__ import annotations
 
@@ -54,6 +55,41 @@ async def test_a_claim_taken_during_a_heartbeat_is_not_lost(pg_server: PostgresS
         assert not claims.lost("blob:first")
         holder = await claims.take("blob:second")
         assert holder.owner == claims.owner
+    finally:
+        await watcher.close()
+        await blocker.close()
+        await claims.close()
+        await pg_server.drop_database(database)
+
+
+async def test_a_claim_released_and_taken_again_during_a_heartbeat_is_not_lost(
+    pg_server: PostgresServer,
+) -> None:
+    """Released and taken again while the UPDATE waits: the row it sees (the old one) is gone
+    and the new one is after its snapshot, so its answer lacks the key; the holding is a new
+    one, not the one the heartbeat set out to refresh."""
+    database = await pg_server.create_database()
+    dsn = pg_server.dsn(database)
+    await (await PostgresIndex.open(dsn, password=pg_server.password)).close()
+    claims = await Claims.open(dsn, pg_server.password, peer=None)
+    blocker = await asyncpg.connect(dsn, password=pg_server.password)
+    watcher = await asyncpg.connect(dsn, password=pg_server.password)
+    try:
+        # Taken in this order, the UPDATE meets the first row first and waits there, before
+        # it has touched the second.
+        await claims.take("blob:first")
+        await claims.take("blob:second")
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("SELECT 1 FROM claims WHERE key = 'blob:first' FOR UPDATE")
+        await heartbeat_waiting_on_a_lock(watcher, timeout=3 * claims_module.HEARTBEAT)
+        await claims.release("blob:second")
+        await claims.take("blob:second")
+        await transaction.commit()
+        await asyncio.sleep(2.5 * claims_module.HEARTBEAT)
+        assert not claims.lost("blob:second")
+        assert not claims.lost("blob:first")
+        assert (await claims.take("blob:second")).owner == claims.owner
     finally:
         await watcher.close()
         await blocker.close()
