@@ -349,7 +349,17 @@ class Evictor:
         deleted, before the pass forgets it)."""
         freed = await self._index.forget_blobs([digest for digest, _ in blobs])
         self._shared.content_removed()  # workers drop what their memory caches hold
-        CACHE_BYTES.set(self._shared.add_usage(-freed))
+        if self._index_shared:
+            # Usage is the index's (every replica's bytes) plus this process's pending
+            # reservations: set from it again, as `_resync_usage` does, not decremented. A
+            # reservation that read the index after this commit has set usage without these
+            # bytes already, and a decrement then took them off twice: usage below the bytes
+            # stored, and a commit landing past the cap.
+            usage, _, _ = await self._index.usage()
+            self._shared.set_usage(usage + self._pending)
+            CACHE_BYTES.set(self.usage)
+        else:
+            CACHE_BYTES.set(self._shared.add_usage(-freed))
         EVICTIONS.inc(len(blobs))
         EVICTED_BYTES.inc(freed)
         for digest, size in blobs:
