@@ -355,8 +355,7 @@ class Evictor:
             # reservation that read the index after this commit has set usage without these
             # bytes already, and a decrement then took them off twice: usage below the bytes
             # stored, and a commit landing past the cap.
-            usage, _, _ = await self._index.usage()
-            self._shared.set_usage(usage + self._pending)
+            await self._usage_from_index()
             CACHE_BYTES.set(self.usage)
         else:
             CACHE_BYTES.set(self._shared.add_usage(-freed))
@@ -377,10 +376,15 @@ class Evictor:
         yet. What is missed: other processes' reservations not indexed yet (their downloads
         commit within moments), so the cap can be passed by the downloads the other replicas
         and workers are storing at that moment; a pass starts as soon as it is."""
-        usage, _, _ = await self._index.usage()
-        self._shared.set_usage(usage + self._pending)
+        await self._usage_from_index()
         if self._over_high():
             self._start_pass()
+
+    async def _usage_from_index(self) -> None:
+        """Usage as a shared index has it (every replica's committed bytes), plus this
+        process's reservations not indexed yet."""
+        usage, _, _ = await self._index.usage()
+        self._shared.set_usage(usage + self._pending)
 
     async def _periodic(self) -> None:
         while True:

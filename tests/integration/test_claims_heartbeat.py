@@ -6,6 +6,8 @@ its own download.) The UPDATE is held on a row lock the test takes, so the order
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -33,7 +35,13 @@ async def heartbeat_waiting_on_a_lock(conn: asyncpg.Connection, timeout: float) 
     raise AssertionError("the heartbeat never ran into the lock")
 
 
-async def test_a_claim_taken_during_a_heartbeat_is_not_lost(pg_server: PostgresServer) -> None:
+@contextlib.asynccontextmanager
+async def heartbeat_held_on(
+    pg_server: PostgresServer, *keys: str
+) -> AsyncIterator[tuple[Claims, asyncpg.transaction.Transaction]]:
+    """Claims of a fresh database holding `keys` (taken in this order), and the first key's
+    row locked by another connection once the heartbeat's UPDATE (snapshot taken) waits on it;
+    the caller commits the returned transaction to let the UPDATE go on."""
     database = await pg_server.create_database()
     dsn = pg_server.dsn(database)
     await (await PostgresIndex.open(dsn, password=pg_server.password)).close()  # the schema
@@ -41,13 +49,24 @@ async def test_a_claim_taken_during_a_heartbeat_is_not_lost(pg_server: PostgresS
     blocker = await asyncpg.connect(dsn, password=pg_server.password)
     watcher = await asyncpg.connect(dsn, password=pg_server.password)
     try:
-        await claims.take("blob:first")
-        # Hold the first claim's row: the next heartbeat's UPDATE (snapshot taken) waits on
-        # it; meanwhile a second claim is taken and committed, unseen by that snapshot.
+        for key in keys:
+            await claims.take(key)
         transaction = blocker.transaction()
         await transaction.start()
-        await blocker.execute("SELECT 1 FROM claims WHERE key = 'blob:first' FOR UPDATE")
+        await blocker.execute("SELECT 1 FROM claims WHERE key = $1 FOR UPDATE", keys[0])
         await heartbeat_waiting_on_a_lock(watcher, timeout=3 * claims_module.HEARTBEAT)
+        yield claims, transaction
+    finally:
+        await watcher.close()
+        await blocker.close()
+        await claims.close()
+        await pg_server.drop_database(database)
+
+
+async def test_a_claim_taken_during_a_heartbeat_is_not_lost(pg_server: PostgresServer) -> None:
+    # The UPDATE waits on the first claim's row; meanwhile a second claim is taken and
+    # committed, unseen by its snapshot.
+    async with heartbeat_held_on(pg_server, "blob:first") as (claims, transaction):
         await claims.take("blob:second")
         await transaction.commit()
         await asyncio.sleep(2.5 * claims_module.HEARTBEAT)  # that beat answers, and the next
@@ -55,11 +74,6 @@ async def test_a_claim_taken_during_a_heartbeat_is_not_lost(pg_server: PostgresS
         assert not claims.lost("blob:first")
         holder = await claims.take("blob:second")
         assert holder.owner == claims.owner
-    finally:
-        await watcher.close()
-        await blocker.close()
-        await claims.close()
-        await pg_server.drop_database(database)
 
 
 async def test_a_claim_released_and_taken_again_during_a_heartbeat_is_not_lost(
@@ -68,21 +82,9 @@ async def test_a_claim_released_and_taken_again_during_a_heartbeat_is_not_lost(
     """Released and taken again while the UPDATE waits: the row it sees (the old one) is gone
     and the new one is after its snapshot, so its answer lacks the key; the holding is a new
     one, not the one the heartbeat set out to refresh."""
-    database = await pg_server.create_database()
-    dsn = pg_server.dsn(database)
-    await (await PostgresIndex.open(dsn, password=pg_server.password)).close()
-    claims = await Claims.open(dsn, pg_server.password, peer=None)
-    blocker = await asyncpg.connect(dsn, password=pg_server.password)
-    watcher = await asyncpg.connect(dsn, password=pg_server.password)
-    try:
-        # Taken in this order, the UPDATE meets the first row first and waits there, before
-        # it has touched the second.
-        await claims.take("blob:first")
-        await claims.take("blob:second")
-        transaction = blocker.transaction()
-        await transaction.start()
-        await blocker.execute("SELECT 1 FROM claims WHERE key = 'blob:first' FOR UPDATE")
-        await heartbeat_waiting_on_a_lock(watcher, timeout=3 * claims_module.HEARTBEAT)
+    # Taken in this order, the UPDATE meets the first row first and waits there, before it
+    # has touched the second.
+    async with heartbeat_held_on(pg_server, "blob:first", "blob:second") as (claims, transaction):
         await claims.release("blob:second")
         await claims.take("blob:second")
         await transaction.commit()
@@ -90,8 +92,3 @@ async def test_a_claim_released_and_taken_again_during_a_heartbeat_is_not_lost(
         assert not claims.lost("blob:second")
         assert not claims.lost("blob:first")
         assert (await claims.take("blob:second")).owner == claims.owner
-    finally:
-        await watcher.close()
-        await blocker.close()
-        await claims.close()
-        await pg_server.drop_database(database)
