@@ -29,6 +29,10 @@ from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
 from mirror.handlers import add_cache_header, catalog, v2_dispatch, v2_root
 from mirror.hitpath import hit_path_factory
+from mirror.hosted.access import HostedAccess
+from mirror.hosted.handlers import HostedRegistry
+from mirror.hosted.repository import HostedContent
+from mirror.hosted.uploads import UploadSessions, sweep_uploads
 from mirror.keys import (
     ACCESS,
     CACHE_RESULT,
@@ -38,6 +42,7 @@ from mirror.keys import (
     EVICTOR,
     FETCHER,
     HEALTH,
+    HOSTED_REGISTRY,
     INDEX,
     MEMBERSHIP,
     REFERRERS,
@@ -256,6 +261,19 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app[CLIENT_AUTH] = ClientAuth(
         load_htpasswd(config.auth_htpasswd) if config.auth_htpasswd else None, config.anonymous_pull
     )
+    hosted_sweep: asyncio.Task[None] | None = None
+    if config.hosted:
+        uploads = UploadSessions(config.data_dir / "uploads")
+        app[HOSTED_REGISTRY] = HostedRegistry(
+            config,
+            HostedAccess(config.hosted, app[CLIENT_AUTH]),
+            uploads,
+            HostedContent(index, content, fetcher, evictor, config.hosted_max_size),
+            visibility,
+            membership,
+        )
+        if worker in (None, 0):
+            hosted_sweep = asyncio.create_task(sweep_uploads(uploads))
     app.on_response_prepare.append(add_cache_header)
     add_probe_routes(app)
     add_readiness(app)
@@ -269,6 +287,10 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     traffic.start()
 
     async def shutdown(_app: web.Application) -> None:
+        if hosted_sweep is not None:
+            hosted_sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hosted_sweep
         await traffic.close()
         await webhooks.close()
         await fetcher.close()

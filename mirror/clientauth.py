@@ -52,7 +52,7 @@ class ClientAuth:
     def __init__(self, users: dict[str, bytes] | None, anonymous_pull: bool) -> None:
         self._users = users
         self.anonymous_pull = anonymous_pull
-        self._verified: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=REMEMBER)
+        self._verified: TTLCache[str, str] = TTLCache(maxsize=10_000, ttl=REMEMBER)
         # bcrypt gets threads of its own: a flood of distinct logins (anyone can send them)
         # then queues here instead of in the default pool, where blob commits fsync.
         self._bcrypt = ThreadPoolExecutor(max_workers=BCRYPT_THREADS, thread_name_prefix="bcrypt")
@@ -69,6 +69,10 @@ class ClientAuth:
         which no mirror user has, and on a refusal it skips the mirror for Docker Hub."""
         return self._users is not None and not self.anonymous_pull
 
+    @property
+    def users(self) -> frozenset[str]:
+        return frozenset(self._users or ())
+
     async def check(self, authorization: str | None) -> None:
         """Raise 401 with a Basic challenge unless the request may proceed.
 
@@ -80,22 +84,31 @@ class ClientAuth:
             if self.anonymous_pull:
                 return
             raise RegistryError(401, "UNAUTHORIZED", "authentication required", headers=CHALLENGE)
-        key = hashlib.sha256(authorization.encode()).hexdigest()
-        ok = self._verified.get(key)
-        if ok is None:
-            ok = await asyncio.get_running_loop().run_in_executor(
-                self._bcrypt, self._verify, authorization
-            )
-            self._verified[key] = ok
-        if not ok and not self.anonymous_pull:
+        if await self.identify(authorization) is None and not self.anonymous_pull:
             raise RegistryError(
                 401, "UNAUTHORIZED", "wrong username or password", headers=CHALLENGE
             )
 
-    def _verify(self, authorization: str) -> bool:
+    async def identify(self, authorization: str | None) -> str | None:
+        """The mirror user these credentials prove, or None (none sent, or wrong)."""
+        if self._users is None or authorization is None:
+            return None
+        key = hashlib.sha256(authorization.encode()).hexdigest()
+        user = self._verified.get(key)
+        if user is None:
+            user = await asyncio.get_running_loop().run_in_executor(
+                self._bcrypt, self._verify, authorization
+            )
+            self._verified[key] = user
+        return user or None
+
+    def _verify(self, authorization: str) -> str:
+        """The user name if the password matches, else ""."""
         assert self._users is not None
         credentials = basic_credentials(authorization)
         if credentials is None:
-            return False
+            return ""
         hashed = self._users.get(credentials[0])
-        return hashed is not None and bcrypt.checkpw(credentials[1].encode(), hashed)
+        if hashed is not None and bcrypt.checkpw(credentials[1].encode(), hashed):
+            return credentials[0]
+        return ""

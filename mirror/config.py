@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mirror.cpus import cgroup_cpu_limit, default_workers
-from mirror.reference import DOCKER_HUB
+from mirror.reference import DOCKER_HUB, HOSTED, NAME_COMPONENT_RE, looks_like_registry_host
 
 DEFAULT_LISTEN = "0.0.0.0:5000"
 DEFAULT_DATA = "./mirror-data"
@@ -107,6 +107,26 @@ class RegistryConfig:
         return None
 
 
+ANYONE = "anyone"
+
+
+@dataclass(frozen=True)
+class HostedConfig:
+    """One namespace of the team's own repositories (`[hosted."acme"]`): pushed to and served
+    by the mirror, never fetched upstream (hosted/). `push`: the mirror users who may push
+    there, None for every user; `pull`: "anyone" (whoever may use the mirror), or users."""
+
+    name: str
+    push: frozenset[str] | None = None
+    pull: frozenset[str] | str = ANYONE
+
+    def may_push(self, user: str) -> bool:
+        return self.push is None or user in self.push
+
+    def may_pull(self, user: str | None) -> bool:
+        return self.pull == ANYONE or (user is not None and user in self.pull)
+
+
 @dataclass(frozen=True)
 class WebhookConfig:
     """One receiver of event notifications (webhooks.py)."""
@@ -169,6 +189,12 @@ class Config:
     peer_port: int | None = None
     peer_url: str | None = None
     cluster_secret: str | None = field(default=None, repr=False)
+    hosted: Mapping[str, HostedConfig] = field(default_factory=dict)  # by namespace
+    hosted_max_size: int = 10 * 1024**3  # the quota of all hosted content together
+
+    @property
+    def hosted_names(self) -> frozenset[str]:
+        return frozenset(self.hosted)
 
     @property
     def clustered(self) -> bool:
@@ -223,6 +249,8 @@ _SOURCES = {
     "peer_listen": ("MIRROR_PEER_LISTEN", "peer_listen"),
     "peer_url": ("MIRROR_PEER_URL", "peer_url"),
     "cluster_secret_file": ("MIRROR_CLUSTER_SECRET_FILE", "cluster_secret_file"),
+    "hosted": ("MIRROR_HOSTED", "hosted"),
+    "hosted_max_size": ("MIRROR_HOSTED_MAX_SIZE", "hosted_max_size"),
 }
 _DEFAULTS: dict[str, Any] = {
     "listen": DEFAULT_LISTEN,
@@ -257,6 +285,8 @@ _DEFAULTS: dict[str, Any] = {
     "peer_listen": None,
     "peer_url": None,
     "cluster_secret_file": None,
+    "hosted": (),
+    "hosted_max_size": "10GiB",
 }
 
 
@@ -291,6 +321,50 @@ def _private_policy(value: object, setting: str) -> str:
     return str(value)
 
 
+_HOSTED_KEYS = {"push", "pull"}
+
+
+def _users(value: object, setting: str) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(u, str) and u for u in value):
+        raise ConfigError(f"{setting}: a list of mirror user names")
+    return frozenset(value)
+
+
+def parse_hosted(names: object, tables: object) -> dict[str, HostedConfig]:
+    """Hosted namespaces: the names a flag or the environment gives (a list, or
+    comma-separated), and every `[hosted."name"]` table of the file, whose `push` and `pull`
+    rules apply to that name wherever it was named. Union, not precedence: a flag naming
+    one more namespace must not silently drop the file's."""
+    if not isinstance(tables, dict):
+        raise ConfigError('hosted: must be tables, e.g. [hosted."acme"]')
+    listed = names.split(",") if isinstance(names, str) else list(names or ())  # type: ignore[call-overload]
+    hosted: dict[str, HostedConfig] = {}
+    for name in [str(n).strip() for n in listed] + list(tables):
+        if not name or name in hosted:
+            continue
+        setting = f'hosted."{name}"'
+        if not NAME_COMPONENT_RE.fullmatch(name) or looks_like_registry_host(name):
+            # A name with a dot is a registry host to every client (ghcr.io/owner/app).
+            raise ConfigError(
+                f"{setting}: a namespace is one path component without a dot, e.g. acme"
+            )
+        if name == "library":
+            # Docker Hub's official images: a client asking for `alpine` means library/alpine.
+            raise ConfigError(f"{setting}: library is Docker Hub's official images")
+        table = tables.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{setting}: must be a table")
+        unknown = set(table) - _HOSTED_KEYS
+        if unknown:
+            raise ConfigError(f"{setting}: unknown key(s): {', '.join(sorted(unknown))}")
+        push = _users(table["push"], f"{setting}.push") if "push" in table else None
+        pull = table.get("pull", ANYONE)
+        hosted[name] = HostedConfig(
+            name, push, pull if pull == ANYONE else _users(pull, f'{setting}.pull (or "anyone")')
+        )
+    return hosted
+
+
 _REGISTRY_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]+)?$")
 
 
@@ -323,6 +397,8 @@ def _registry_table(name: str, table: object, env: Mapping[str, str]) -> Registr
     setting = f'registries."{name}"'
     if not _REGISTRY_NAME.fullmatch(name):
         raise ConfigError(f"{setting}: a registry is named by its host, e.g. ghcr.io")
+    if name == HOSTED:
+        raise ConfigError(f"{setting}: {HOSTED} is the name the index keeps hosted content under")
     table = _check_table(name, table)
     password = None
     if table.get("password_file"):
@@ -578,6 +654,17 @@ def load_config(
     if web_ui not in WEB_UI_PLACES:
         raise ConfigError(f'web_ui: {web_ui!r} must be "registry", "admin" or "off"')
     tls_cert, tls_key = pick("tls_cert"), pick("tls_key")
+    named = flags.get("hosted") or env.get("MIRROR_HOSTED") or ()
+    hosted_tables = file_values.get("hosted", {})
+    hosted = parse_hosted(named, hosted_tables)
+    if hosted and not auth_htpasswd:
+        raise ConfigError(
+            f"hosted: {sorted(hosted)[0]}: hosted namespaces need auth_htpasswd "
+            "(pushing always needs a mirror user)"
+        )
+    hosted_max_size = parse_size(pick("hosted_max_size"), "hosted_max_size")
+    if hosted_max_size <= 0:
+        raise ConfigError("hosted_max_size: must be positive")
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("tls_cert and tls_key: give both (the certificate chain and its key)")
     config = Config(
@@ -617,6 +704,8 @@ def load_config(
         index_url=parse_index(pick("index")),
         index_password=index_password,
         local_cache_size=local_cache_size,
+        hosted=hosted,
+        hosted_max_size=hosted_max_size,
         **peer,
     )
     if config.clustered and (config.s3 is None or config.index_url is None):

@@ -336,14 +336,9 @@ class BlobFetcher:
             COALESCED.inc()
             return fetch, True
         if not self._content.redirects or not redirectable:
-            try:
-                f = open(self._store.path(digest), "rb")  # noqa: SIM115 - closed by the caller
-            except FileNotFoundError:
-                pass
-            else:
-                if await self._content.confirm_local(digest):
-                    return FileSource(digest, f)
-                f.close()  # a copy of a blob removed elsewhere (another replica's purge)
+            local = await self._local_file(digest)
+            if local is not None:
+                return local
         self._missing.check(registry, repository, "blob", digest)
         if digest not in self._inflight:
             if self._health is not None:
@@ -355,6 +350,26 @@ class BlobFetcher:
         if self._health is not None and digest not in self._inflight:
             self._health.check()  # went down meanwhile: nothing could be stored (health.py)
         return self.join(registry, repository, digest)
+
+    async def _local_file(self, digest: str) -> FileSource | None:
+        try:
+            f = open(self._store.path(digest), "rb")  # noqa: SIM115 - closed by the caller
+        except FileNotFoundError:
+            return None
+        if await self._content.confirm_local(digest):
+            return FileSource(digest, f)
+        f.close()  # a copy of a blob removed elsewhere (another replica's purge)
+        return None
+
+    async def open_stored(self, digest: str, redirectable: bool = False) -> BlobSource | None:
+        """A stored blob to serve, or None: never a download (hosted content has no
+        upstream). A download of it in flight is not joined: what it brings is not stored yet."""
+        if not self._content.redirects or not redirectable:
+            local = await self._local_file(digest)
+            if local is not None:
+                return local
+        size = await self._index.get_blob(digest)
+        return None if size is None else await self._content.open(digest, size)
 
     async def peek(self, digest: str) -> BlobSource | None:
         """For another replica (cluster/peers.py): the blob if this machine has it at hand,

@@ -16,6 +16,7 @@ from mirror.keys import (
     CLIENT_AUTH,
     CONFIG,
     FETCHER,
+    HOSTED_REGISTRY,
     INDEX,
     MEMBERSHIP,
     REFERRERS,
@@ -26,7 +27,7 @@ from mirror.keys import (
     VISIBILITY,
 )  # fmt: skip
 from mirror.mediatypes import OCI_INDEX, parse_accept
-from mirror.reference import Endpoint, Route, parse_v2_path, routed_name
+from mirror.reference import HOSTED, Endpoint, Route, parse_v2_path, routed_name
 from mirror.referrers import referrers_index
 from mirror.responses import (
     manifest_response,
@@ -48,12 +49,16 @@ def _authorization(request: web.Request) -> str | None:
 
 async def v2_root(request: web.Request) -> web.Response:
     """The API version check. A challenge only where credentials are needed: the mirror's own
-    users without `anonymous_pull`, or `private = "passthrough"`. Docker and skopeo learn auth
-    here, and Docker then sends the user's Docker Hub login (moby#42022)."""
+    users without `anonymous_pull`, `private = "passthrough"`, or hosted namespaces to push
+    to. Docker and skopeo learn auth here, and Docker then sends the user's Docker Hub login
+    (moby#42022)."""
     if request.method not in READ_METHODS:
         raise RegistryError.unsupported()
     auth = request.app[CLIENT_AUTH]
-    wants_login = auth.challenges or request.app[VISIBILITY].challenges
+    # Hosted namespaces: push clients (docker, skopeo, podman) send credentials only where
+    # this ping asked for them, whatever the later requests answer.
+    hosted = HOSTED_REGISTRY in request.app
+    wants_login = auth.challenges or request.app[VISIBILITY].challenges or hosted
     if wants_login and "Authorization" not in request.headers:
         raise RegistryError(401, "UNAUTHORIZED", "credentials accepted", headers=CHALLENGE)
     await auth.check(_authorization(request))
@@ -62,12 +67,16 @@ async def v2_root(request: web.Request) -> web.Response:
 
 async def v2_dispatch(request: web.Request) -> web.StreamResponse:
     await request.app[CLIENT_AUTH].check(_authorization(request))
+    path = request.match_info["path"]
+    hosted = request.app.get(HOSTED_REGISTRY)
+    if hosted is not None:
+        answer = await hosted.dispatch(request, path)
+        if answer is not None:
+            return answer
     if request.method not in READ_METHODS:
         raise RegistryError.unsupported()
     config = request.app[CONFIG]
-    route = parse_v2_path(
-        request.match_info["path"], request.query.get("ns"), config.registry_names
-    )
+    route = parse_v2_path(path, request.query.get("ns"), config.registry_names)
     request[ROUTE] = route
     if route.endpoint is Endpoint.MANIFEST:
         return await manifest(request, route)
@@ -179,10 +188,16 @@ async def catalog(request: web.Request) -> web.Response:
     if request.method not in READ_METHODS:
         raise RegistryError.unsupported()
     visibility = request.app[VISIBILITY]
+    hosted = request.app.get(HOSTED_REGISTRY)
     names = [
         routed_name(registry, repository)
         for registry, repository in await request.app[INDEX].repositories()
-        if visibility.known_public(registry, repository)
+        if (
+            visibility.known_public(registry, repository)
+            if registry != HOSTED
+            else hosted is not None
+            and await hosted.access.may_pull(repository, _authorization(request))
+        )
     ]
     n = parse_n(request.query.get("n"))
     page, more = paginate(names, n, request.query.get("last"))

@@ -32,7 +32,7 @@ from mirror.logs import ACCESS_LOG
 from mirror.manifests import Manifest
 from mirror.mediatypes import parse_accept
 from mirror.metrics import observers
-from mirror.reference import Endpoint, parse_v2_path
+from mirror.reference import HOSTED, Endpoint, parse_v2_path
 from mirror.responses import manifest_headers
 
 MAX_HEAD = 16 * 1024
@@ -59,6 +59,7 @@ class HitAnswers:
         self._open = app[CLIENT_AUTH].anonymous_allowed
         self._access = app[ACCESS]
         self._names = app[CONFIG].registry_names
+        self._hosted = app[CONFIG].hosted_names
         self._second = -1
         self._date = b""
         self._blocks: LRUCache[tuple[str, str], bytes] = LRUCache(16_384)
@@ -113,11 +114,14 @@ class HitAnswers:
             if name == b"accept":
                 accept.append(value.strip().decode("latin-1"))
         try:
-            route = _route(path[4:], ns, self._names)
+            route = _route(path[4:], ns, self._names, self._hosted)
         except RegistryError:
             return None
-        if route.endpoint is not Endpoint.MANIFEST or not self._visibility.known_public(
-            route.registry, route.repository
+        # Hosted repositories have pull rules of their own (hosted/access.py): the full path.
+        if (
+            route.registry == HOSTED
+            or route.endpoint is not Endpoint.MANIFEST
+            or not self._visibility.known_public(route.registry, route.repository)
         ):
             return None
         manifest = self._resolver.served_from_memory(route, parse_accept(tuple(accept)))

@@ -3,6 +3,8 @@ from its handler to the middlewares and the access log."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from mirror.access import AccessTracker
@@ -24,6 +26,9 @@ from mirror.upstream.client import RegistryClient
 from mirror.visibility import Visibility
 from mirror.web.images import ImageViews
 
+if TYPE_CHECKING:
+    from mirror.hosted.handlers import HostedRegistry
+
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", BlobStore)  # the local files (also the bucket's hot tier)
 CONTENT = web.AppKey("content", ContentStore)  # where verified content lives for good
@@ -41,6 +46,9 @@ CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)
 TAG_LISTS = web.AppKey("tag_lists", TagLists)
 REFERRERS = web.AppKey("referrers", ReferrerLists)
 MEMBERSHIP = web.AppKey("membership", BlobMembership)
+# Only with hosted namespaces configured (hosted/): absent, every name is the cache's.
+# (Typed by annotation: hosted/handlers.py sends responses, whose module needs this one.)
+HOSTED_REGISTRY: web.AppKey[HostedRegistry] = web.AppKey("hosted_registry")
 
 # Set by the handlers. Manifest and blob requests have a cache result (hit, miss, stale,
 # coalesced), tag lists too (miss, stale); `/v2/`, `_catalog`, the web page and the probes touch

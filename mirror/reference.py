@@ -15,9 +15,13 @@ from enum import Enum
 from mirror.errors import RegistryError
 
 DOCKER_HUB = "docker.io"
+# The registry key of the team's own repositories (hosted/): in the index beside the
+# upstreams' keys, never a configured upstream (config.py refuses a registry of this name).
+HOSTED = "hosted"
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+NAME_COMPONENT_RE = re.compile(rf"^{_COMPONENT}$")
 _DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 DOMAIN_RE = re.compile(rf"^{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*(?::[0-9]+)?$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -97,16 +101,21 @@ _SUFFIXES: tuple[tuple[str, Endpoint], ...] = (
 def routed_name(registry: str, repository: str) -> str:
     """The name clients use through the mirror: Docker Hub repositories by name
     (`library/alpine`), others with their registry as prefix (`ghcr.io/owner/app`)."""
-    return repository if registry == DOCKER_HUB else f"{registry}/{repository}"
+    return repository if registry in (DOCKER_HUB, HOSTED) else f"{registry}/{repository}"
 
 
-def parse_v2_path(path: str, ns: str | None, registries: frozenset[str]) -> Route:
+def parse_v2_path(
+    path: str, ns: str | None, registries: frozenset[str], hosted: frozenset[str] = frozenset()
+) -> Route:
     """Route the decoded path after `/v2/` to a registry, repository and endpoint.
 
     The split is on the *last* endpoint marker, because a repository may itself contain
     `manifests` or `blobs` as a component. `ns` (containerd) names the registry; otherwise a
     host-like first component does, otherwise Docker Hub. Only configured registries are
-    routable: the mirror must never become an open proxy.
+    routable: the mirror must never become an open proxy. A first component naming a hosted
+    namespace routes to HOSTED when no `ns` is given: the team's `acme/app` shadows Docker
+    Hub's `acme/app` for docker and podman, while containerd's `ns=docker.io` still reaches
+    Docker Hub.
     """
     name: str
     endpoint: Endpoint
@@ -131,6 +140,8 @@ def parse_v2_path(path: str, ns: str | None, registries: frozenset[str]) -> Rout
     first, _, rest = name.partition("/")
     if ns:
         registry = ns
+    elif first in hosted:
+        return _route(HOSTED, validate_name(name), endpoint, reference)
     elif rest and looks_like_registry_host(first):
         if not DOMAIN_RE.fullmatch(first):
             raise RegistryError.name_invalid(name)
@@ -138,7 +149,10 @@ def parse_v2_path(path: str, ns: str | None, registries: frozenset[str]) -> Rout
     if registry not in registries:
         raise RegistryError.registry_unknown(registry)
     name = normalize_repository(registry, validate_name(name))
+    return _route(registry, name, endpoint, reference)
 
+
+def _route(registry: str, name: str, endpoint: Endpoint, reference: str) -> Route:
     if endpoint is Endpoint.MANIFEST:
         if ":" in reference:
             validate_digest(reference)

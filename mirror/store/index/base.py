@@ -152,6 +152,19 @@ class Index(Protocol):
 
     async def pinned(self) -> set[str]: ...
 
+    async def pinned_bytes(self, registry: str) -> int:
+        """Bytes of the distinct blobs pinned under `registry` (the hosted quota's account)."""
+        ...
+
+    async def manifests_of(self, registry: str, repository: str) -> list[str]:
+        """Digests of the manifests recorded in one repository."""
+        ...
+
+    async def delete_manifest(self, registry: str, repository: str, digest: str) -> list[str]:
+        """Remove a manifest from one repository with its tags there; the tags removed. Its
+        content and its blob row stay (another repository may hold it; hosted GC decides)."""
+        ...
+
     def deleting_in_bulk(self) -> AbstractAsyncContextManager[None]:
         """Around the many `forget_blobs` of one eviction pass: an engine may put off work
         every commit would otherwise repeat (SQLite's WAL checkpoints) until the pass ends."""

@@ -667,6 +667,39 @@ class PostgresIndex:
         return {str(r[0]) for r in await self._fetch("SELECT DISTINCT digest FROM pins")}
 
     @_guarded
+    async def pinned_bytes(self, registry: str) -> int:
+        row = await self._fetchrow(
+            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE digest IN "
+            "(SELECT digest FROM pins WHERE registry = $1)",
+            registry,
+        )
+        return int(row[0])
+
+    @_guarded
+    async def manifests_of(self, registry: str, repository: str) -> list[str]:
+        rows = await self._fetch(
+            "SELECT digest FROM manifests WHERE registry = $1 AND repository = $2 "
+            'ORDER BY digest COLLATE "C"',
+            registry,
+            repository,
+        )
+        return [str(r[0]) for r in rows]
+
+    @_guarded
+    async def delete_manifest(self, registry: str, repository: str, digest: str) -> list[str]:
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                "DELETE FROM tags WHERE registry = $1 AND repository = $2 AND digest = $3 "
+                "RETURNING tag",
+                registry, repository, digest,
+            )  # fmt: skip
+            await conn.execute(
+                "DELETE FROM manifests WHERE registry = $1 AND repository = $2 AND digest = $3",
+                registry, repository, digest,
+            )  # fmt: skip
+        return sorted(str(r[0]) for r in rows)
+
+    @_guarded
     async def repositories(self) -> list[tuple[str, str]]:
         """(registry, repository) of every repository with a cached manifest."""
         rows = await self._fetch(

@@ -591,6 +591,37 @@ class SqliteIndex:
             return {str(r[0]) async for r in cur}
 
     @_serialized
+    async def pinned_bytes(self, registry: str) -> int:
+        async with self._db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE digest IN "
+            "(SELECT digest FROM pins WHERE registry = ?)",
+            (registry,),
+        ) as cur:
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+    @_serialized
+    async def manifests_of(self, registry: str, repository: str) -> list[str]:
+        async with self._db.execute(
+            "SELECT digest FROM manifests WHERE registry=? AND repository=? ORDER BY digest",
+            (registry, repository),
+        ) as cur:
+            return [str(r[0]) async for r in cur]
+
+    @_serialized
+    async def delete_manifest(self, registry: str, repository: str, digest: str) -> list[str]:
+        key = (registry, repository, digest)
+        async with self._db.execute(
+            "DELETE FROM tags WHERE registry=? AND repository=? AND digest=? RETURNING tag", key
+        ) as cur:
+            tags = sorted([str(r[0]) async for r in cur])
+        await self._db.execute(
+            "DELETE FROM manifests WHERE registry=? AND repository=? AND digest=?", key
+        )
+        await self._db.commit()
+        return tags
+
+    @_serialized
     async def repositories(self) -> list[tuple[str, str]]:
         """(registry, repository) of every repository with a cached manifest."""
         async with self._db.execute(

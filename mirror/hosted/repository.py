@@ -1,0 +1,297 @@
+"""Hosted content: blobs and manifests pushed to the team's repositories, kept through the
+same content and index seams as the cache (any engine), under the index's registry key
+HOSTED.
+
+Never evicted: everything hosted is pinned in the index before its row exists (a blob under
+its own digest, a manifest under its digest with everything it names), so no eviction pass
+ever sees it unpinned. The quota (`hosted_max_size`) is the bytes of the distinct digests
+pinned so.
+
+A repository holds a blob only once it was uploaded or mounted there (or a manifest there
+names it): a manifest may name nothing else. Otherwise a push could name any digest the
+cache holds (another repository's private layer, say) and then pull it under its own name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mirror.errors import RegistryError
+from mirror.evict import Evictor
+from mirror.fetch import BlobFetcher
+from mirror.hosted.uploads import Upload, quota_exceeded
+from mirror.manifests import Manifest
+from mirror.mediatypes import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_BYTES, references
+from mirror.reference import HOSTED, is_digest
+from mirror.store.blobs.base import ContentStore
+from mirror.store.index import Index
+from mirror.store.source import BlobSource
+
+CHUNK = 1024 * 1024  # bytes read at a time from an upload's file into the content store
+
+
+def manifest_invalid(message: str) -> RegistryError:
+    return RegistryError(400, "MANIFEST_INVALID", message)
+
+
+def blob_unknown_to_manifest(digest: str) -> RegistryError:
+    return RegistryError(
+        400, "MANIFEST_BLOB_UNKNOWN", "manifest references a blob unknown to this repository",
+        {"digest": digest},
+    )  # fmt: skip
+
+
+def _file_digest(path: Path, algorithm: str) -> str:
+    with path.open("rb") as f:
+        return f"{algorithm}:{hashlib.file_digest(f, algorithm).hexdigest()}"
+
+
+def parse_pushed_manifest(data: bytes, content_type: str | None) -> tuple[str, dict[str, Any]]:
+    """The media type of a pushed manifest and its document; MANIFEST_INVALID unless it is one
+    of the manifest types the mirror serves, well-formed, and its `mediaType` (when it has
+    one) is the Content-Type it was pushed with."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise manifest_invalid("the manifest is not JSON") from exc
+    if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
+        raise manifest_invalid("schemaVersion 2 manifests only")
+    header = (content_type or "").split(";", 1)[0].strip()
+    declared = doc.get("mediaType")
+    media_type = header if header in MANIFEST_TYPES else declared
+    if media_type not in MANIFEST_TYPES:
+        raise manifest_invalid(f"unsupported manifest media type {str(header or declared)[:100]!r}")
+    if declared is not None and declared != media_type:
+        raise manifest_invalid(f"mediaType {str(declared)[:100]!r} is not {media_type}")
+    assert isinstance(media_type, str)
+    if media_type in INDEX_TYPES:
+        if not isinstance(doc.get("manifests"), list):
+            raise manifest_invalid("an index needs a manifests list")
+    elif not isinstance(doc.get("config"), dict) or not isinstance(doc.get("layers"), list):
+        raise manifest_invalid("an image manifest needs a config and a layers list")
+    return media_type, doc
+
+
+def subject_of(doc: dict[str, Any]) -> str | None:
+    subject = doc.get("subject")
+    if isinstance(subject, dict) and isinstance(subject.get("digest"), str):
+        return str(subject["digest"])
+    return None
+
+
+class HostedContent:
+    def __init__(
+        self,
+        index: Index,
+        content: ContentStore,
+        fetcher: BlobFetcher,
+        evictor: Evictor,
+        max_size: int,
+    ) -> None:
+        self._index = index
+        self._content = content
+        self._fetcher = fetcher
+        self._evictor = evictor
+        self._max_size = max_size
+        # One commit at a time per worker: the quota is read, then the bytes pinned; two
+        # pushes side by side must not both fit in the same room.
+        self._quota = asyncio.Lock()
+
+    async def room(self) -> int:
+        """Bytes the hosted quota has left."""
+        return max(0, self._max_size - await self._index.pinned_bytes(HOSTED))
+
+    async def _stored_size(self, digest: str) -> int | None:
+        """The size of a blob stored for good (indexed, and its content where the engine
+        keeps it); None for anything else, a download in flight included."""
+        size = await self._index.get_blob(digest)
+        if size is None:
+            return None
+        source = await self._fetcher.open_stored(digest)
+        if source is None:
+            return None
+        source.close()
+        return size
+
+    async def commit_upload(self, upload: Upload, digest: str) -> int:
+        """Verify an upload's bytes against `digest` and keep them as a blob of its
+        repository; its size. A mismatch is DIGEST_INVALID and nothing is stored."""
+        algorithm = digest.split(":", 1)[0]
+        actual = await asyncio.to_thread(_file_digest, upload.path, algorithm)
+        if actual != digest:
+            raise RegistryError(
+                400, "DIGEST_INVALID", "the uploaded bytes do not match the digest",
+                {"digest": digest, "actual": actual},
+            )  # fmt: skip
+        size = upload.size
+        async with self._quota:
+            if await self._stored_size(digest) is None and size > await self.room():
+                raise quota_exceeded()
+            await self._index.pin(HOSTED, upload.repository, digest, {digest})
+        if await self._stored_size(digest) is None:
+            await self._store_file(upload.path, digest, size)
+        await self._index.add_holder(HOSTED, upload.repository, digest)
+        return size
+
+    async def _store_file(self, path: Path, digest: str, size: int) -> None:
+        writer = self._content.writer(digest)
+        try:
+            writer.begin_upload()
+            with path.open("rb") as f:
+                while chunk := await asyncio.to_thread(f.read, CHUNK):
+                    writer.write(chunk)
+                    if writer.behind:
+                        await writer.caught_up()
+            await writer.verify()  # the file may have changed since it was hashed
+            await self._evictor.make_room(size)
+            try:
+                await writer.commit()
+                await writer.sync_directory()
+            except BaseException:
+                self._evictor.release(size)
+                raise
+        except BaseException:
+            writer.discard()
+            raise
+        if await self._index.add_blob(digest, size, None):
+            self._evictor.landed(size)
+        else:
+            self._evictor.release(size)
+
+    async def mount(self, repository: str, digest: str) -> int | None:
+        """Make a stored blob this repository's too (the caller checked the client may pull
+        it where it is); its size, or None when it is not stored here after all."""
+        async with self._quota:
+            size = await self._stored_size(digest)
+            if size is None:
+                return None
+            await self._index.pin(HOSTED, repository, digest, {digest})
+        await self._index.add_holder(HOSTED, repository, digest)
+        return size
+
+    async def holds(self, repository: str, digest: str) -> bool:
+        return await self._index.holds(HOSTED, repository, digest)
+
+    async def put_manifest(
+        self, repository: str, reference: str, data: bytes, content_type: str | None
+    ) -> tuple[str, str | None]:
+        """Check and keep a pushed manifest, tagging it when `reference` is a tag; its digest
+        and the digest of its `subject`, if it has one."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise manifest_invalid(f"manifests are limited to {MAX_MANIFEST_BYTES} bytes")
+        algorithm = reference.split(":", 1)[0] if is_digest(reference) else "sha256"
+        digest = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+        if is_digest(reference) and reference != digest:
+            raise RegistryError(
+                400, "DIGEST_INVALID", "the manifest does not match the digest it was put by",
+                {"digest": reference, "actual": digest},
+            )  # fmt: skip
+        media_type, doc = parse_pushed_manifest(data, content_type)
+        children = references(data)
+        pinned = {digest}
+        for child, size in children:
+            if not is_digest(child):
+                raise manifest_invalid(f"invalid digest {child[:100]!r}")
+            if media_type in INDEX_TYPES:
+                if await self._index.get_manifest_type(HOSTED, repository, child) is None:
+                    raise blob_unknown_to_manifest(child)
+                pinned |= set(await self._index.closure(child))
+            else:
+                stored = await self._stored_size(child)
+                if stored is None or not await self.holds(repository, child):
+                    raise blob_unknown_to_manifest(child)
+                if stored != size:
+                    raise manifest_invalid(f"{child} is {stored} bytes, not {size}")
+            pinned.add(child)
+        async with self._quota:
+            known = await self._index.get_blob(digest) is not None
+            if not known and len(data) > await self.room():
+                raise quota_exceeded()
+            await self._index.pin(HOSTED, repository, digest, pinned)
+        if not known:
+            await self._evictor.make_room(len(data))
+            try:
+                await self._content.put(digest, data)
+            except BaseException:
+                self._evictor.release(len(data))
+                raise
+        new = await self._index.add_manifest(
+            HOSTED, repository, digest, media_type, len(data), children
+        )
+        if not known:
+            (self._evictor.landed if new else self._evictor.release)(len(data))
+        if not is_digest(reference):
+            await self._index.set_tag(HOSTED, repository, reference, digest, time.time())
+        return digest, subject_of(doc)
+
+    async def manifest(self, repository: str, reference: str) -> Manifest:
+        digest = reference
+        if not is_digest(reference):
+            row = await self._index.get_tag(HOSTED, repository, reference)
+            if row is None:
+                raise RegistryError.manifest_unknown(reference)
+            digest = row.digest
+        media_type = await self._index.get_manifest_type(HOSTED, repository, digest)
+        data = None if media_type is None else await self._content.read(digest)
+        if media_type is None or data is None:
+            raise RegistryError.manifest_unknown(reference)
+        return Manifest(digest, media_type, data)
+
+    async def delete_manifest(self, repository: str, reference: str) -> None:
+        """By digest: the manifest and its tags leave the repository, and its pin goes (its
+        bytes stay until garbage collection). By tag: only the tag."""
+        if not is_digest(reference):
+            if await self._index.get_tag(HOSTED, repository, reference) is None:
+                raise RegistryError.manifest_unknown(reference)
+            await self._index.delete_tag(HOSTED, repository, reference)
+            return
+        if await self._index.get_manifest_type(HOSTED, repository, reference) is None:
+            raise RegistryError.manifest_unknown(reference)
+        await self._index.delete_manifest(HOSTED, repository, reference)
+        await self._index.unpin(HOSTED, repository, reference)
+
+    async def blob(self, repository: str, digest: str, redirectable: bool) -> BlobSource:
+        if not await self.holds(repository, digest):
+            raise RegistryError.blob_unknown(digest)
+        source = await self._fetcher.open_stored(digest, redirectable)
+        if source is None:
+            raise RegistryError.blob_unknown(digest)
+        return source
+
+    async def tags(self, repository: str) -> list[str]:
+        tags = await self._index.list_tags(HOSTED, repository)
+        if not tags and (HOSTED, repository) not in await self._index.repositories():
+            raise RegistryError.name_unknown(repository)
+        return tags
+
+    async def referrers(self, repository: str, digest: str) -> list[dict[str, Any]]:
+        """Descriptors of the repository's manifests whose `subject` is `digest`, as the
+        referrers API lists them. Read from the manifests themselves: a hosted repository
+        holds few, and nothing else has to be kept in step with them."""
+        found: list[dict[str, Any]] = []
+        for manifest_digest in await self._index.manifests_of(HOSTED, repository):
+            try:
+                manifest = await self.manifest(repository, manifest_digest)
+                doc = json.loads(manifest.data)
+            except (RegistryError, ValueError):
+                continue
+            if not isinstance(doc, dict) or subject_of(doc) != digest:
+                continue
+            config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+            entry: dict[str, Any] = {
+                "mediaType": manifest.media_type,
+                "digest": manifest.digest,
+                "size": len(manifest.data),
+            }
+            artifact_type = doc.get("artifactType") or (config or {}).get("mediaType")
+            if isinstance(artifact_type, str):
+                entry["artifactType"] = artifact_type
+            if isinstance(doc.get("annotations"), dict):
+                entry["annotations"] = doc["annotations"]
+            found.append(entry)
+        return found

@@ -1,0 +1,239 @@
+"""Hosted namespaces: the team's own images pushed to the mirror with real clients, served
+beside Docker Hub's, never fetched upstream, mounted from the cache, kept out of eviction."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mirror.config import ConfigError, load_config
+from tests.fixtures.backends import Backend
+from tests.fixtures.fakehub import FakeHub
+from tests.fixtures.images import big_image, make_image, multiarch_image, small_image
+from tests.fixtures.procs import (
+    http_push,
+    mirror_process,
+    push,
+    skopeo_pull_and_verify,
+)
+from tests.integration.test_client_auth import basic, write_htpasswd
+from tests.integration.test_pull_path import ALL_TYPES
+
+pytestmark = pytest.mark.backends("local", "s3")
+
+
+def hosted_config(tmp_path: Path, htpasswd: Path) -> Path:
+    path = tmp_path / "mirror.toml"
+    path.write_text(
+        f'auth_htpasswd = "{htpasswd}"\n'
+        "anonymous_pull = true\n"
+        '[hosted."acme"]\npush = ["alice"]\n'
+        '[hosted."secret"]\npull = ["bob"]\n'
+    )
+    return path
+
+
+@pytest.mark.parametrize("kind", ["oci", "docker", "multiarch"])
+async def test_pushed_images_pull_back_byte_for_byte_and_never_reach_upstream(
+    hub: FakeHub, tmp_path: Path, kind: str, backend: Backend
+) -> None:
+    image = {
+        "oci": small_image("team-app"),
+        "docker": small_image("team-app", docker=True),
+        "multiarch": multiarch_image("team-app"),
+    }[kind]
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
+    config = hosted_config(tmp_path, htpasswd)
+    async with mirror_process(
+        tmp_path / "data", hub.registry_url, "--config", str(config), *backend.flags,
+        env=backend.env,
+    ) as mirror:  # fmt: skip
+        await push(mirror, "acme/app:1.0", image, tmp_path / "push", ("alice", "wonderland"))
+        host = mirror.url.removeprefix("http://")
+        await skopeo_pull_and_verify(f"{host}/acme/app:1.0", tmp_path / "out", image)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{mirror.url}/v2/acme/app/tags/list") as resp:
+                assert (await resp.json())["tags"] == ["1.0"]
+            async with http.get(f"{mirror.url}/v2/_catalog") as resp:
+                assert "acme/app" in (await resp.json())["repositories"]
+    assert not [r for r in hub.log if "acme" in r.path], "a hosted name reached upstream"
+
+
+async def test_push_rights_and_pull_rules_per_namespace(hub: FakeHub, tmp_path: Path) -> None:
+    image = small_image("rights")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
+    config = hosted_config(tmp_path, htpasswd)
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--config", str(config)) as m:
+        alice, bob = basic("alice", "wonderland"), basic("bob", "builder")
+        wrong = basic("alice", "queen")
+
+        async def start(name: str, authorization: str | None) -> tuple[int, str]:
+            headers = {"Authorization": authorization} if authorization else {}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(f"{m.url}/v2/{name}/blobs/uploads/", headers=headers) as resp,
+            ):
+                body = await resp.json() if resp.status >= 400 else {}
+                return resp.status, body["errors"][0]["code"] if body else ""
+
+        assert await start("acme/app", None) == (401, "UNAUTHORIZED")
+        assert await start("acme/app", wrong) == (401, "UNAUTHORIZED")
+        assert await start("acme/app", bob) == (403, "DENIED")
+        assert (await start("acme/app", alice))[0] == 202
+        # No push list: every mirror user may push there.
+        assert (await start("secret/app", alice))[0] == 202
+        # The cache's names stay read-only.
+        assert (await start("library/alpine", alice))[0] == 405
+
+        await http_push(m.url, "secret/app", "1", image, ("bob", "builder"))
+        url = f"{m.url}/v2/secret/app/manifests/1"
+        for authorization, status in ((None, 401), (alice, 403), (wrong, 401), (bob, 200)):
+            headers = {"Accept": ALL_TYPES}
+            if authorization:
+                headers["Authorization"] = authorization
+            async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+                assert resp.status == status, (authorization, await resp.text())
+        layer = image.layers()[0].digest
+        async with aiohttp.ClientSession() as http:
+            blob = f"{m.url}/v2/secret/app/blobs/{layer}"
+            async with http.get(blob, headers={"Authorization": alice}) as resp:
+                assert resp.status == 403
+            async with http.get(f"{m.url}/v2/_catalog") as resp:
+                assert "secret/app" not in (await resp.json())["repositories"]
+            async with http.get(f"{m.url}/v2/_catalog", headers={"Authorization": bob}) as resp:
+                assert "secret/app" in (await resp.json())["repositories"]
+            # Anyone may pull from acme, which holds none of secret's blobs: no digest leaks.
+            async with http.get(f"{m.url}/v2/acme/app/blobs/{layer}") as resp:
+                assert resp.status == 404
+
+
+async def test_base_layers_are_mounted_from_the_cache_not_uploaded(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """An image built FROM a cached Docker Hub image: its base layer is mounted from the
+    cache (201, no bytes sent), only the team's own layer is uploaded."""
+    base_files = {"usr/lib/python3.12/os.py": b"import posix\n" * 500}
+    base = make_image([base_files], label="python")
+    hub.add("library/python", "3.12", base)
+    base_layer = base.layers()[0]
+    own = make_image([base_files, {"app/main.py": b"print('team')\n"}], label="team")
+    assert own.layers()[0].digest == base_layer.digest
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
+    config = hosted_config(tmp_path, htpasswd)
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--config", str(config)) as m:
+        host = m.url.removeprefix("http://")
+        await skopeo_pull_and_verify(f"{host}/library/python:3.12", tmp_path / "base", base)
+        alice = {"Authorization": basic("alice", "wonderland")}
+        async with aiohttp.ClientSession(headers=alice) as http:
+            mount = (
+                f"{m.url}/v2/acme/app/blobs/uploads/?mount={base_layer.digest}&from=library/python"
+            )
+            async with http.post(mount) as resp:
+                assert resp.status == 201, await resp.text()
+                assert resp.headers["Docker-Content-Digest"] == base_layer.digest
+            # A blob the named repository does not hold is not mounted: a new session instead.
+            other = own.layers()[1].digest
+            async with http.post(
+                f"{m.url}/v2/acme/app/blobs/uploads/?mount={other}&from=library/python"
+            ) as resp:
+                assert resp.status == 202
+        before = len(hub.log)
+        await http_push(m.url, "acme/app", "1", own, ("alice", "wonderland"))
+        assert len(hub.log) == before or all("acme" not in r.path for r in hub.log[before:])
+        await skopeo_pull_and_verify(f"{host}/acme/app:1", tmp_path / "own", own)
+
+
+async def test_manifest_naming_a_blob_the_repository_does_not_hold_is_refused(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """A layer cached for Docker Hub (or pushed to another hosted repository) exists on this
+    mirror, but a manifest in acme/app may name only what was uploaded or mounted there."""
+    cached = small_image("cached", layers=1)
+    hub.add("library/alpine", "3", cached)
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
+    config = hosted_config(tmp_path, htpasswd)
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--config", str(config)) as m:
+        host = m.url.removeprefix("http://")
+        await skopeo_pull_and_verify(f"{host}/library/alpine:3", tmp_path / "cached", cached)
+        alice = {"Authorization": basic("alice", "wonderland")}
+        async with aiohttp.ClientSession(headers=alice) as http:
+            async with http.put(
+                f"{m.url}/v2/acme/app/manifests/stolen",
+                data=cached.top.data,
+                headers={"Content-Type": cached.top.media_type},
+            ) as resp:
+                assert resp.status == 400
+                body = await resp.json()
+                assert body["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
+            async with http.get(f"{m.url}/v2/acme/app/blobs/{cached.layers()[0].digest}") as resp:
+                assert resp.status == 404
+
+
+async def test_hosted_content_is_never_evicted_and_deletes_answer_404(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """Docker Hub pulls well past `max_size` evict cached images, never the hosted one."""
+    image = small_image("kept")
+    cached = [big_image(f"filler-{i}", 1 << 20, seed=i) for i in range(5)]
+    for i, filler in enumerate(cached):
+        hub.add("library/filler", str(i), filler)
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    config = hosted_config(tmp_path, htpasswd)
+    data = tmp_path / "data"
+    async with mirror_process(
+        data, hub.registry_url, "--config", str(config), "--max-size", "3MiB", "--workers", "1"
+    ) as m:
+        await http_push(m.url, "acme/app", "1", image, ("alice", "wonderland"))
+        host = m.url.removeprefix("http://")
+        for i, filler in enumerate(cached):
+            await skopeo_pull_and_verify(f"{host}/library/filler:{i}", tmp_path / f"f{i}", filler)
+        first = cached[0].layers()[0].digest
+        for _ in range(100):  # the pass runs in the background
+            if not (data / "blobs" / "sha256" / first[7:9] / first[7:]).exists():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("nothing was evicted: the test proves nothing")
+        await skopeo_pull_and_verify(f"{host}/acme/app:1", tmp_path / "kept", image)
+        alice = {"Authorization": basic("alice", "wonderland"), "Accept": ALL_TYPES}
+        async with aiohttp.ClientSession(headers=alice) as http:
+            url = f"{m.url}/v2/acme/app/manifests"
+            async with http.delete(f"{url}/1") as resp:
+                assert resp.status == 202
+            async with http.get(f"{url}/1") as resp:
+                assert resp.status == 404
+            async with http.get(f"{url}/{image.digest}") as resp:
+                assert resp.status == 200
+            async with http.delete(f"{url}/{image.digest}") as resp:
+                assert resp.status == 202
+            async with http.get(f"{url}/{image.digest}") as resp:
+                assert resp.status == 404
+                assert (await resp.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+def test_hosted_namespaces_are_configured_by_flag_environment_and_tables(tmp_path: Path) -> None:
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    (tmp_path / "m.toml").write_text(
+        f'auth_htpasswd = "{htpasswd}"\n[hosted."acme"]\npush = ["alice"]\npull = ["alice"]\n'
+    )
+    config = load_config({"hosted": ["team"]}, {}, str(tmp_path / "m.toml"))
+    assert sorted(config.hosted) == ["acme", "team"]
+    assert config.hosted["acme"].push == frozenset({"alice"})
+    assert config.hosted["team"].push is None and config.hosted["team"].pull == "anyone"
+    config = load_config(
+        {"auth_htpasswd": str(htpasswd)},
+        {"MIRROR_HOSTED": "one, two", "MIRROR_HOSTED_MAX_SIZE": "1GiB"},
+    )
+    assert sorted(config.hosted) == ["one", "two"] and config.hosted_max_size == 1 << 30
+    with pytest.raises(ConfigError, match="library"):
+        load_config({"hosted": ["library"], "auth_htpasswd": str(htpasswd)}, {})
+    with pytest.raises(ConfigError, match="need auth_htpasswd"):
+        load_config({"hosted": ["acme"]}, {})
+    with pytest.raises(ConfigError, match="one path component"):
+        load_config({"hosted": ["ghcr.io"], "auth_htpasswd": str(htpasswd)}, {})
+    (tmp_path / "bad.toml").write_text('[hosted."acme"]\npull = "everyone"\n')
+    with pytest.raises(ConfigError, match="pull"):
+        load_config({"auth_htpasswd": str(htpasswd)}, {}, str(tmp_path / "bad.toml"))
