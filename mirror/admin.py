@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry
 
 from mirror.config import ConfigError, parse_duration
 from mirror.errors import RegistryError
-from mirror.keys import CONFIG, EVICTOR, HEALTH, INDEX, RESOLVER
+from mirror.hosted.gc import GRACE, collect
+from mirror.keys import CONFIG, EVICTOR, HEALTH, HOSTED_REGISTRY, INDEX, RESOLVER
 from mirror.mediatypes import INDEX_TYPES, references
 from mirror.metrics import registry
 from mirror.reference import parse_image
@@ -175,6 +176,33 @@ async def purge(request: web.Request) -> web.Response:
     )
 
 
+async def gc(request: web.Request) -> web.Response:
+    """`mirror gc`: collect hosted content no manifest names (hosted/gc.py) now; with
+    `dry_run`, only say what would go. `grace`: how long an uploaded blob no manifest names
+    yet is spared (a push in progress)."""
+    main = request.app[MAIN]
+    hosted = main.get(HOSTED_REGISTRY)
+    if hosted is None:
+        raise RegistryError(404, "UNSUPPORTED", "no hosted namespaces are configured")
+    body = await _body(request)
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise RegistryError(400, "UNSUPPORTED", "dry_run: true or false")
+    try:
+        grace = parse_duration(body.get("grace", GRACE), "grace")
+    except ConfigError as exc:
+        raise RegistryError(400, "UNSUPPORTED", str(exc)) from None
+    done = await collect(main[INDEX], main[EVICTOR], hosted.gc_lock, grace, dry_run)
+    return web.json_response(
+        {
+            "blobs": done.blobs,
+            "bytes": done.bytes,
+            "digests": list(done.digests),
+            "dry_run": dry_run,
+        }
+    )
+
+
 async def _reply(request: web.Request, result: dict[str, Any]) -> web.Response:
     """JSON for the API; for a form from the web page, back to the page it was posted from."""
     if request.content_type not in FORMS:
@@ -237,5 +265,6 @@ def create_admin_app(
     admin.router.add_post("/admin/pin", pin)
     admin.router.add_post("/admin/unpin", unpin)
     admin.router.add_post("/admin/purge", purge)
+    admin.router.add_post("/admin/gc", gc)
     admin.router.add_routes(extra_routes or [])
     return admin

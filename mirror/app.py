@@ -30,6 +30,7 @@ from mirror.fetch import BlobFetcher
 from mirror.handlers import add_cache_header, catalog, v2_dispatch, v2_root
 from mirror.hitpath import hit_path_factory
 from mirror.hosted.access import HostedAccess
+from mirror.hosted.gc import collect_periodically
 from mirror.hosted.handlers import HostedRegistry
 from mirror.hosted.repository import HostedContent
 from mirror.hosted.uploads import UploadSessions, sweep_uploads
@@ -65,7 +66,7 @@ from mirror.missing import MissingCache
 from mirror.probes import add_probe_routes, add_readiness, healthz_for, metrics
 from mirror.recovery import mark_pending, open_checked
 from mirror.referrers import ReferrerLists
-from mirror.shared import SharedState
+from mirror.shared import FileLock, SharedState
 from mirror.store.blobs import BlobStore
 from mirror.store.engines import open_content, open_index
 from mirror.store.health import BackendHealth, BackendUnavailable
@@ -261,19 +262,24 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app[CLIENT_AUTH] = ClientAuth(
         load_htpasswd(config.auth_htpasswd) if config.auth_htpasswd else None, config.anonymous_pull
     )
-    hosted_sweep: asyncio.Task[None] | None = None
+    hosted_tasks: list[asyncio.Task[None]] = []
     if config.hosted:
         uploads = UploadSessions(config.data_dir / "uploads")
+        gc_lock = FileLock(config.data_dir / "hosted-gc.lock")
         app[HOSTED_REGISTRY] = HostedRegistry(
             config,
             HostedAccess(config.hosted, app[CLIENT_AUTH]),
             uploads,
-            HostedContent(index, content, fetcher, evictor, config.hosted_max_size),
+            HostedContent(index, content, fetcher, evictor, config.hosted_max_size, gc_lock),
             visibility,
             membership,
+            gc_lock,
         )
         if worker in (None, 0):
-            hosted_sweep = asyncio.create_task(sweep_uploads(uploads))
+            hosted_tasks = [
+                asyncio.create_task(sweep_uploads(uploads)),
+                asyncio.create_task(collect_periodically(index, evictor, gc_lock)),
+            ]
     app.on_response_prepare.append(add_cache_header)
     add_probe_routes(app)
     add_readiness(app)
@@ -287,10 +293,9 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     traffic.start()
 
     async def shutdown(_app: web.Application) -> None:
-        if hosted_sweep is not None:
-            hosted_sweep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await hosted_sweep
+        for task in hosted_tasks:
+            task.cancel()
+        await asyncio.gather(*hosted_tasks, return_exceptions=True)
         await traffic.close()
         await webhooks.close()
         await fetcher.close()

@@ -95,6 +95,15 @@ def _parser() -> argparse.ArgumentParser:
         help="with --auth-htpasswd: clients without credentials may still pull public content",
     )  # fmt: skip
     serve.add_argument(
+        "--hosted", dest="hosted", action="append", metavar="NAME",
+        help="a namespace of your own images, pushed to the mirror (repeatable; needs "
+        "--auth-htpasswd)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--hosted-max-size", dest="hosted_max_size",
+        help="quota of all hosted images together (10GiB)",
+    )  # fmt: skip
+    serve.add_argument(
         "--max-upstream-fetches", dest="max_upstream_fetches", type=int,
         help="blob downloads at once per registry and worker; more wait in order (32)",
     )  # fmt: skip
@@ -260,6 +269,17 @@ def _add_operator_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     purge = sub.add_parser("purge", parents=[admin], help="remove cached content now")
     purge.add_argument("image", nargs="?", metavar="IMAGE", help="an image reference: alpine:3.19")
     purge.add_argument("--unused-for", help="remove everything not used for this long (30d)")
+    gc = sub.add_parser(
+        "gc", parents=[admin], help="remove hosted content no manifest names any more"
+    )
+    gc.add_argument(
+        "--dry-run", action="store_true", help="only show what would go, and how many bytes"
+    )
+    gc.add_argument(
+        "--grace", default="1h",
+        help="spare blobs uploaded this recently that no manifest names yet: a push in "
+        "progress (1h)",
+    )  # fmt: skip
 
 
 def _print_json(value: object) -> None:
@@ -422,6 +442,18 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    answer = _admin_call(args, "/admin/gc", {"dry_run": args.dry_run, "grace": args.grace})
+    if args.json:
+        _print_json(answer)
+        return 0
+    for digest in answer["digests"]:
+        print(digest)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {answer['blobs']} blobs, {human_bytes(answer['bytes'])}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -434,5 +466,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pin": cmd_pin,
         "unpin": lambda a: cmd_pin(a, unpin=True),
         "purge": cmd_purge,
+        "gc": cmd_gc,
     }
     return int(commands[args.command](args))

@@ -220,10 +220,10 @@ class Evictor:
                 lambda _usage: True, unused_before=time.time() - unused_for, reason="max_age"
             )
 
-    async def remove(self, digests: list[tuple[str, int]]) -> Evicted:
-        """Delete these blobs now (purge), whatever their age."""
+    async def remove(self, digests: list[tuple[str, int]], reason: str = "purge") -> Evicted:
+        """Delete these blobs now (purge, hosted GC), whatever their age."""
         async with self._exclusive():
-            return await self._delete(digests, "purge")
+            return await self._delete(digests, reason)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:

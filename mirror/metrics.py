@@ -155,6 +155,25 @@ BACKEND_UP = Gauge(
     ["backend"],
     multiprocess_mode="livemin",
 )
+HOSTED_BYTES = Gauge(
+    "mirror_hosted_bytes",
+    "Bytes of hosted content (pushed or mounted, counted once per digest) against hosted_max_size",
+    multiprocess_mode="mostrecent",
+)
+HOSTED_RECEIVED_BYTES = Counter(
+    "mirror_hosted_received_bytes_total", "Blob bytes received by pushes (uploads, not mounts)"
+)
+HOSTED_MOUNTS = Counter(
+    "mirror_hosted_mounts_total", "Blobs mounted into a hosted repository instead of uploaded"
+)
+HOSTED_PUSHES = Counter("mirror_hosted_pushes_total", "Manifests pushed to hosted repositories")
+HOSTED_DELETES = Counter(
+    "mirror_hosted_deletes_total", "Manifests and tags deleted from hosted repositories"
+)
+HOSTED_GC_RUNS = Counter("mirror_hosted_gc_runs_total", "Garbage collections of hosted content")
+HOSTED_GC_BYTES = Counter(
+    "mirror_hosted_gc_bytes_total", "Bytes of hosted content no manifest named, freed by GC"
+)
 BUILD_INFO = Gauge(
     "mirror_build_info", "Always 1; the version as a label", ["version"], multiprocess_mode="max"
 )

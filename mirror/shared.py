@@ -4,7 +4,8 @@ Workers (`--workers N`) share the data directory and the index, but not memory. 
 need agreement across them, all built on `flock(2)`, which the kernel drops when a process
 dies, so a `kill -9` never leaves a lock held:
 
-- `FileLock`: a cross-process mutex (eviction passes, upstream manifest fetches);
+- `FileLock`: a cross-process mutex (eviction passes, upstream manifest fetches), or a
+  shared/exclusive lock (hosted pushes share it, hosted GC holds it);
 - `Claim`: who downloads a blob; the others follow the claimant's growing temp file;
 - `SharedState`: cache usage in bytes (reservations included) and a generation number that
   moves whenever content is deleted, so per-worker memory caches know to drop what they hold.
@@ -65,6 +66,17 @@ class FileLock:
                 yield
             finally:
                 os.close(fd)
+
+    @contextlib.asynccontextmanager
+    async def share(self) -> AsyncIterator[None]:
+        """Held beside other sharers (in any process), never beside `hold`: each sharer has
+        a descriptor of its own, and flock(2) locks belong to descriptions, not processes."""
+        while (fd := _open_locked(self._path, fcntl.LOCK_SH)) is None:
+            await asyncio.sleep(POLL)
+        try:
+            yield
+        finally:
+            os.close(fd)
 
 
 @contextlib.asynccontextmanager

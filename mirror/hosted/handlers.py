@@ -33,6 +33,7 @@ from mirror.reference import (
 )
 from mirror.referrers import referrers_index
 from mirror.responses import manifest_response, send_blob
+from mirror.shared import FileLock
 from mirror.tags import tags_page
 from mirror.visibility import Visibility
 
@@ -51,6 +52,7 @@ class HostedRegistry:
     content: HostedContent
     visibility: Visibility
     membership: BlobMembership
+    gc_lock: FileLock  # hosted GC against pushes (gc.py)
 
     def route(self, path: str, ns: str | None) -> Route:
         return parse_v2_path(path, ns, self.config.registry_names, self.config.hosted_names)

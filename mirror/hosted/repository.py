@@ -27,7 +27,14 @@ from mirror.fetch import BlobFetcher
 from mirror.hosted.uploads import Upload, quota_exceeded
 from mirror.manifests import Manifest
 from mirror.mediatypes import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_BYTES, references
+from mirror.metrics import (
+    HOSTED_BYTES,
+    HOSTED_DELETES,
+    HOSTED_MOUNTS,
+    HOSTED_PUSHES,
+)
 from mirror.reference import HOSTED, is_digest
+from mirror.shared import FileLock
 from mirror.store.blobs.base import ContentStore
 from mirror.store.index import Index
 from mirror.store.source import BlobSource
@@ -92,7 +99,9 @@ class HostedContent:
         fetcher: BlobFetcher,
         evictor: Evictor,
         max_size: int,
+        gc_lock: FileLock,
     ) -> None:
+        self._gc_lock = gc_lock
         self._index = index
         self._content = content
         self._fetcher = fetcher
@@ -104,7 +113,9 @@ class HostedContent:
 
     async def room(self) -> int:
         """Bytes the hosted quota has left."""
-        return max(0, self._max_size - await self._index.pinned_bytes(HOSTED))
+        used = await self._index.pinned_bytes(HOSTED)
+        HOSTED_BYTES.set(used)
+        return max(0, self._max_size - used)
 
     async def _stored_size(self, digest: str) -> int | None:
         """The size of a blob stored for good (indexed, and its content where the engine
@@ -129,14 +140,23 @@ class HostedContent:
                 {"digest": digest, "actual": actual},
             )  # fmt: skip
         size = upload.size
-        async with self._quota:
-            if await self._stored_size(digest) is None and size > await self.room():
-                raise quota_exceeded()
-            await self._index.pin(HOSTED, upload.repository, digest, {digest})
-        if await self._stored_size(digest) is None:
-            await self._store_file(upload.path, digest, size)
-        await self._index.add_holder(HOSTED, upload.repository, digest)
+        async with self._gc_lock.share():
+            await self._touch([digest])
+            async with self._quota:
+                stored = await self._stored_size(digest) is not None
+                if not stored and size > await self.room():
+                    raise quota_exceeded()
+                await self._index.pin(HOSTED, upload.repository, digest, {digest})
+            if not stored:
+                await self._store_file(upload.path, digest, size)
+            await self._index.add_holder(HOSTED, upload.repository, digest)
         return size
+
+    async def _touch(self, digests: list[str]) -> None:
+        """Used now, in the index at once (not batched like a pull's): hosted GC spares what
+        was used within its grace period, and a push in progress uses what it names."""
+        now = time.time()
+        await self._index.touch_many(dict.fromkeys(digests, now))
 
     async def _store_file(self, path: Path, digest: str, size: int) -> None:
         writer = self._content.writer(digest)
@@ -166,12 +186,15 @@ class HostedContent:
     async def mount(self, repository: str, digest: str) -> int | None:
         """Make a stored blob this repository's too (the caller checked the client may pull
         it where it is); its size, or None when it is not stored here after all."""
-        async with self._quota:
-            size = await self._stored_size(digest)
-            if size is None:
-                return None
-            await self._index.pin(HOSTED, repository, digest, {digest})
-        await self._index.add_holder(HOSTED, repository, digest)
+        async with self._gc_lock.share():
+            await self._touch([digest])
+            async with self._quota:
+                size = await self._stored_size(digest)
+                if size is None:
+                    return None
+                await self._index.pin(HOSTED, repository, digest, {digest})
+            await self._index.add_holder(HOSTED, repository, digest)
+        HOSTED_MOUNTS.inc()
         return size
 
     async def holds(self, repository: str, digest: str) -> bool:
@@ -193,10 +216,51 @@ class HostedContent:
             )  # fmt: skip
         media_type, doc = parse_pushed_manifest(data, content_type)
         children = references(data)
-        pinned = {digest}
-        for child, size in children:
+        for child, _ in children:
             if not is_digest(child):
                 raise manifest_invalid(f"invalid digest {child[:100]!r}")
+        async with self._gc_lock.share():
+            await self._touch([child for child, _ in children])
+            pinned = await self._check_children(repository, media_type, children) | {digest}
+            async with self._quota:
+                known = await self._index.get_blob(digest) is not None
+                if not known and len(data) > await self.room():
+                    raise quota_exceeded()
+                await self._index.pin(HOSTED, repository, digest, pinned)
+            if not known:
+                await self._evictor.make_room(len(data))
+                try:
+                    await self._content.put(digest, data)
+                except BaseException:
+                    self._evictor.release(len(data))
+                    raise
+            new = await self._index.add_manifest(
+                HOSTED, repository, digest, media_type, len(data), children
+            )
+            if not known:
+                (self._evictor.landed if new else self._evictor.release)(len(data))
+            # Again, now that the manifest row is there: GC drops the pins of a manifest
+            # without a row, and this one may have been deleted a moment ago.
+            await self._index.pin(HOSTED, repository, digest, pinned)
+            # The blobs' own pins (their push in progress) are this manifest's now: once
+            # it is deleted, GC frees them at once, not after the grace period.
+            # (An index's children are manifests, whose pins are their own.)
+            if media_type not in INDEX_TYPES:
+                for child, _ in children:
+                    await self._index.unpin(HOSTED, repository, child)
+        if not is_digest(reference):
+            await self._index.set_tag(HOSTED, repository, reference, digest, time.time())
+        HOSTED_PUSHES.inc()
+        return digest, subject_of(doc)
+
+    async def _check_children(
+        self, repository: str, media_type: str, children: list[tuple[str, int]]
+    ) -> set[str]:
+        """What a manifest's pin covers: its children, each present in this repository (an
+        index: as a manifest of it, with everything that one names; an image: as a blob it
+        holds, of the size the manifest says)."""
+        pinned: set[str] = set()
+        for child, size in children:
             if media_type in INDEX_TYPES:
                 if await self._index.get_manifest_type(HOSTED, repository, child) is None:
                     raise blob_unknown_to_manifest(child)
@@ -208,26 +272,7 @@ class HostedContent:
                 if stored != size:
                     raise manifest_invalid(f"{child} is {stored} bytes, not {size}")
             pinned.add(child)
-        async with self._quota:
-            known = await self._index.get_blob(digest) is not None
-            if not known and len(data) > await self.room():
-                raise quota_exceeded()
-            await self._index.pin(HOSTED, repository, digest, pinned)
-        if not known:
-            await self._evictor.make_room(len(data))
-            try:
-                await self._content.put(digest, data)
-            except BaseException:
-                self._evictor.release(len(data))
-                raise
-        new = await self._index.add_manifest(
-            HOSTED, repository, digest, media_type, len(data), children
-        )
-        if not known:
-            (self._evictor.landed if new else self._evictor.release)(len(data))
-        if not is_digest(reference):
-            await self._index.set_tag(HOSTED, repository, reference, digest, time.time())
-        return digest, subject_of(doc)
+        return pinned
 
     async def manifest(self, repository: str, reference: str) -> Manifest:
         digest = reference
@@ -243,17 +288,18 @@ class HostedContent:
         return Manifest(digest, media_type, data)
 
     async def delete_manifest(self, repository: str, reference: str) -> None:
-        """By digest: the manifest and its tags leave the repository, and its pin goes (its
-        bytes stay until garbage collection). By tag: only the tag."""
+        """By digest: the manifest and its tags leave the repository (its bytes stay until
+        garbage collection). By tag: only the tag."""
         if not is_digest(reference):
             if await self._index.get_tag(HOSTED, repository, reference) is None:
                 raise RegistryError.manifest_unknown(reference)
             await self._index.delete_tag(HOSTED, repository, reference)
-            return
-        if await self._index.get_manifest_type(HOSTED, repository, reference) is None:
-            raise RegistryError.manifest_unknown(reference)
-        await self._index.delete_manifest(HOSTED, repository, reference)
-        await self._index.unpin(HOSTED, repository, reference)
+        else:
+            if await self._index.get_manifest_type(HOSTED, repository, reference) is None:
+                raise RegistryError.manifest_unknown(reference)
+            # Its pins stay until GC, which removes what nothing else names.
+            await self._index.delete_manifest(HOSTED, repository, reference)
+        HOSTED_DELETES.inc()
 
     async def blob(self, repository: str, digest: str, redirectable: bool) -> BlobSource:
         if not await self.holds(repository, digest):

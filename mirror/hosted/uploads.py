@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mirror.errors import RegistryError
+from mirror.metrics import HOSTED_RECEIVED_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class UploadSessions:
                     written = os.write(fd, view)
                     view = view[written:]
                     size += written
+                HOSTED_RECEIVED_BYTES.inc(len(chunk))
             return size
         finally:
             os.close(fd)  # also releases the lock

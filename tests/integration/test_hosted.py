@@ -4,6 +4,7 @@ beside Docker Hub's, never fetched upstream, mounted from the cache, kept out of
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import aiohttp
@@ -12,7 +13,7 @@ import pytest
 from mirror.config import ConfigError, load_config
 from tests.fixtures.backends import Backend
 from tests.fixtures.fakehub import FakeHub
-from tests.fixtures.images import big_image, make_image, multiarch_image, small_image
+from tests.fixtures.images import big_image, make_image, multiarch_image, sha256, small_image
 from tests.fixtures.procs import (
     http_push,
     mirror_process,
@@ -20,6 +21,7 @@ from tests.fixtures.procs import (
     skopeo_pull_and_verify,
 )
 from tests.integration.test_client_auth import basic, write_htpasswd
+from tests.integration.test_operations import mirror_cli
 from tests.integration.test_pull_path import ALL_TYPES
 
 pytestmark = pytest.mark.backends("local", "s3")
@@ -237,3 +239,104 @@ def test_hosted_namespaces_are_configured_by_flag_environment_and_tables(tmp_pat
     (tmp_path / "bad.toml").write_text('[hosted."acme"]\npull = "everyone"\n')
     with pytest.raises(ConfigError, match="pull"):
         load_config({"auth_htpasswd": str(htpasswd)}, {}, str(tmp_path / "bad.toml"))
+
+
+async def upload_blob(url: str, name: str, data: bytes, authorization: str) -> None:
+    """A blob pushed by itself (monolithic POST), as a push does before its manifest."""
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": authorization}) as http,
+        http.post(f"{url}/v2/{name}/blobs/uploads/?digest={sha256(data)}", data=data) as resp,
+    ):
+        assert resp.status == 201, await resp.text()
+
+
+async def test_gc_frees_exactly_the_bytes_no_manifest_names(
+    hub: FakeHub, tmp_path: Path, backend: Backend
+) -> None:
+    shared = {"lib/shared.so": b"shared by both images\n" * 400}
+    first = make_image([shared, {"app/one": b"only the first image\n" * 300}], label="one")
+    second = make_image([shared, {"app/two": b"only the second image\n" * 300}], label="two")
+    orphan = b"uploaded, never named by a manifest\n" * 100
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    config = hosted_config(tmp_path, htpasswd)
+    alice = basic("alice", "wonderland")
+    async with mirror_process(
+        tmp_path / "data", hub.registry_url, "--config", str(config), *backend.flags,
+        env=backend.env,
+    ) as m:  # fmt: skip
+        await http_push(m.url, "acme/one", "1", first, ("alice", "wonderland"))
+        await http_push(m.url, "acme/two", "1", second, ("alice", "wonderland"))
+        await upload_blob(m.url, "acme/two", orphan, alice)
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": alice}) as http,
+            http.delete(f"{m.url}/v2/acme/one/manifests/{first.digest}") as resp,
+        ):
+            assert resp.status == 202
+        only_first = {first.digest, *first.blobs} - {*second.blobs}
+        expected = sorted(only_first | {sha256(orphan)})
+        sizes = {first.digest: len(first.top.data), sha256(orphan): len(orphan)}
+        sizes |= {d: len(b.data) for d, b in first.blobs.items()}
+        admin = ("--admin", m.admin, "--json")
+        # Within the grace period an upload no manifest names yet is a push in progress.
+        kept = json.loads(await mirror_cli("gc", "--dry-run", *admin))
+        assert sorted(kept["digests"]) == sorted(only_first)
+        dry = json.loads(await mirror_cli("gc", "--dry-run", "--grace", "0s", *admin))
+        assert sorted(dry["digests"]) == expected and dry["dry_run"] is True
+        assert dry["bytes"] == sum(sizes[d] for d in expected)
+        again = json.loads(await mirror_cli("gc", "--dry-run", "--grace", "0s", *admin))
+        assert again == dry, "a dry run removed something"
+        done = json.loads(await mirror_cli("gc", "--grace", "0s", *admin))
+        assert sorted(done["digests"]) == expected and done["bytes"] == dry["bytes"]
+        assert done["blobs"] == len(expected)
+        host = m.url.removeprefix("http://")
+        await skopeo_pull_and_verify(f"{host}/acme/two:1", tmp_path / "two", second)
+        async with aiohttp.ClientSession(headers={"Authorization": alice}) as http:
+            for digest in expected:
+                for name in ("acme/one", "acme/two"):
+                    async with http.head(f"{m.url}/v2/{name}/blobs/{digest}") as resp:
+                        assert resp.status == 404, (name, digest)
+        assert json.loads(await mirror_cli("gc", "--grace", "0s", *admin))["blobs"] == 0
+        async with aiohttp.ClientSession() as http, http.get(f"{m.url}/metrics") as resp:
+            text = await resp.text()
+        assert f"mirror_hosted_gc_bytes_total {float(done['bytes'])}" in text
+        assert "mirror_hosted_gc_runs_total 2.0" in text
+
+
+async def test_a_push_racing_gc_for_its_shared_layer_completes_intact(
+    hub: FakeHub, tmp_path: Path, backend: Backend
+) -> None:
+    """GC runs back to back (2 s of grace) while a layer another repository uploaded and
+    abandoned (past its grace: garbage) is pushed again under a new tag each round: the
+    first round's copy is collected, and every push completes and pulls back whole."""
+    image = make_image([{"lib/shared.so": b"the layer GC keeps trying to take\n" * 2000}])
+    layer = image.layers()[0]
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    config = hosted_config(tmp_path, htpasswd)
+    alice = basic("alice", "wonderland")
+    async with mirror_process(
+        tmp_path / "data", hub.registry_url, "--config", str(config), *backend.flags,
+        env=backend.env,
+    ) as m:  # fmt: skip
+        collected: list[str] = []
+        done = asyncio.Event()
+
+        async def collect_all_the_time() -> None:
+            async with aiohttp.ClientSession() as http:
+                while not done.is_set():
+                    async with http.post(f"{m.admin}/admin/gc", json={"grace": "2s"}) as resp:
+                        assert resp.status == 200, await resp.text()
+                        collected.extend((await resp.json())["digests"])
+
+        gc = asyncio.create_task(collect_all_the_time())
+        try:
+            for round_ in range(3):
+                await upload_blob(m.url, "acme/abandoned", layer.data, alice)
+                await asyncio.sleep(3)  # past the grace: the abandoned upload is garbage
+                await http_push(m.url, "acme/app", str(round_), image, ("alice", "wonderland"))
+        finally:
+            done.set()
+            await gc
+        assert collected[:1] == [layer.digest], "the race never happened: GC freed nothing"
+        host = m.url.removeprefix("http://")
+        for round_ in range(3):
+            await skopeo_pull_and_verify(f"{host}/acme/app:{round_}", tmp_path / str(round_), image)

@@ -156,6 +156,20 @@ class Index(Protocol):
         """Bytes of the distinct blobs pinned under `registry` (the hosted quota's account)."""
         ...
 
+    async def collect_garbage(
+        self, registry: str, unused_before: float, dry_run: bool = False
+    ) -> list[tuple[str, int]]:
+        """Hosted GC's mark, in one transaction: drop the pins of `registry`'s deleted
+        manifests (a pin group with no manifest row), then the pins a push made of a blob by
+        itself (reference: its digest) that no other pin of that repository names and that
+        was not used since `unused_before` (a push touches what it uploads or mounts, so a
+        push in progress keeps its blobs); return (digest, size) of those unpinned blobs
+        nothing keeps any more: no pin, no manifest of it, none naming it, anywhere. The
+        caller removes them. `dry_run`: the same answer, and the transaction rolled back.
+        Each DELETE states its whole condition: a manifest put again meanwhile (its row back)
+        keeps its pins, whatever was read before."""
+        ...
+
     async def manifests_of(self, registry: str, repository: str) -> list[str]:
         """Digests of the manifests recorded in one repository."""
         ...

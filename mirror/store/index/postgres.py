@@ -676,6 +676,55 @@ class PostgresIndex:
         return int(row[0])
 
     @_guarded
+    async def collect_garbage(
+        self, registry: str, unused_before: float, dry_run: bool = False
+    ) -> list[tuple[str, int]]:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                rows = await conn.fetch(
+                    "DELETE FROM pins WHERE registry = $1 "
+                    "AND EXISTS (SELECT 1 FROM pins c WHERE c.registry = pins.registry "
+                    "AND c.repository = pins.repository AND c.reference = pins.reference "
+                    "AND c.digest <> c.reference) "
+                    "AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.registry = pins.registry "
+                    "AND m.repository = pins.repository AND m.digest = pins.reference) "
+                    "RETURNING digest",
+                    registry,
+                )
+                rows += await conn.fetch(
+                    "DELETE FROM pins WHERE registry = $1 AND reference = digest "
+                    "AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.registry = pins.registry "
+                    "AND m.repository = pins.repository AND m.digest = pins.reference) "
+                    "AND NOT EXISTS (SELECT 1 FROM pins q WHERE q.registry = pins.registry "
+                    "AND q.repository = pins.repository AND q.digest = pins.digest "
+                    "AND q.reference <> pins.reference) "
+                    "AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.digest = pins.digest "
+                    "AND b.last_access >= $2) "
+                    "RETURNING digest",
+                    registry,
+                    unused_before,
+                )
+                unpinned = sorted({str(r[0]) for r in rows})
+                unkept = await conn.fetch(
+                    "SELECT b.digest, b.size FROM blobs b WHERE b.digest = ANY($1::text[]) "
+                    "AND NOT EXISTS (SELECT 1 FROM pins p WHERE p.digest = b.digest) "
+                    "AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.digest = b.digest) "
+                    "AND NOT EXISTS (SELECT 1 FROM refs f JOIN manifests m ON m.digest = f.parent "
+                    "WHERE f.child = b.digest)",
+                    unpinned,
+                )
+            except BaseException:
+                await transaction.rollback()
+                raise
+            if dry_run:
+                await transaction.rollback()
+            else:
+                await transaction.commit()
+        return [(str(r[0]), int(r[1])) for r in unkept]
+
+    @_guarded
     async def manifests_of(self, registry: str, repository: str) -> list[str]:
         rows = await self._fetch(
             "SELECT digest FROM manifests WHERE registry = $1 AND repository = $2 "

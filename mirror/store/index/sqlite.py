@@ -601,6 +601,51 @@ class SqliteIndex:
             return int(row[0]) if row else 0
 
     @_serialized
+    async def collect_garbage(
+        self, registry: str, unused_before: float, dry_run: bool = False
+    ) -> list[tuple[str, int]]:
+        async with self._db.execute(
+            "DELETE FROM pins WHERE registry = ? "
+            "AND EXISTS (SELECT 1 FROM pins c WHERE c.registry = pins.registry "
+            "AND c.repository = pins.repository AND c.reference = pins.reference "
+            "AND c.digest <> c.reference) "
+            "AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.registry = pins.registry "
+            "AND m.repository = pins.repository AND m.digest = pins.reference) "
+            "RETURNING digest",
+            (registry,),
+        ) as cur:
+            unpinned = {str(r[0]) async for r in cur}
+        async with self._db.execute(
+            "DELETE FROM pins WHERE registry = ? AND reference = digest "
+            "AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.registry = pins.registry "
+            "AND m.repository = pins.repository AND m.digest = pins.reference) "
+            "AND NOT EXISTS (SELECT 1 FROM pins q WHERE q.registry = pins.registry "
+            "AND q.repository = pins.repository AND q.digest = pins.digest "
+            "AND q.reference <> pins.reference) "
+            "AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.digest = pins.digest "
+            "AND b.last_access >= ?) "
+            "RETURNING digest",
+            (registry, unused_before),
+        ) as cur:
+            unpinned |= {str(r[0]) async for r in cur}
+        unkept: list[tuple[str, int]] = []
+        for chunk, marks in _in_chunks(sorted(unpinned)):
+            async with self._db.execute(
+                f"SELECT b.digest, b.size FROM blobs b WHERE b.digest IN ({marks}) "
+                "AND NOT EXISTS (SELECT 1 FROM pins p WHERE p.digest = b.digest) "
+                "AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.digest = b.digest) "
+                "AND NOT EXISTS (SELECT 1 FROM refs f JOIN manifests m ON m.digest = f.parent "
+                "WHERE f.child = b.digest)",
+                chunk,
+            ) as cur:
+                unkept += [(str(r[0]), int(r[1])) async for r in cur]
+        if dry_run:
+            await self._db.rollback()
+        else:
+            await self._db.commit()
+        return unkept
+
+    @_serialized
     async def manifests_of(self, registry: str, repository: str) -> list[str]:
         async with self._db.execute(
             "SELECT digest FROM manifests WHERE registry=? AND repository=? ORDER BY digest",
