@@ -214,6 +214,9 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         name: RegistryClient(reg, session, tokens, events)
         for name, reg in config.registries.items()
     }
+    client_auth = ClientAuth(
+        load_htpasswd(config.auth_htpasswd) if config.auth_htpasswd else None, config.anonymous_pull
+    )
     # Registries with credentials serve only what anonymous clients could pull (visibility.py).
     anonymous = TokenCache()
     visibility = Visibility(
@@ -225,6 +228,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
             replace(config.registries[name], username=user, password=password), session,
             TokenCache(),
         ),
+        identify=client_auth.identify,
     )  # fmt: skip
     missing = MissingCache(config.negative_ttl)
     health = BackendHealth(
@@ -259,9 +263,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app[CONTENT] = content
     app[HEALTH] = health
     app[VIEWS] = ImageViews(index, content)
-    app[CLIENT_AUTH] = ClientAuth(
-        load_htpasswd(config.auth_htpasswd) if config.auth_htpasswd else None, config.anonymous_pull
-    )
+    app[CLIENT_AUTH] = client_auth
     hosted_tasks: list[asyncio.Task[None]] = []
     if config.hosted:
         uploads = UploadSessions(config.data_dir / "uploads")
@@ -270,7 +272,9 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
             config,
             HostedAccess(config.hosted, app[CLIENT_AUTH]),
             uploads,
-            HostedContent(index, content, fetcher, evictor, config.hosted_max_size, gc_lock),
+            HostedContent(
+                index, content, fetcher, evictor, config.hosted_max_size, gc_lock, events
+            ),
             visibility,
             membership,
             gc_lock,

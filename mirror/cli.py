@@ -181,7 +181,7 @@ _CONFIG_FLAGS = (
     "workers", "auth_htpasswd", "anonymous_pull", "max_upstream_fetches", "upstream_read_timeout",
     "web_ui", "webhooks", "storage", "s3_endpoint", "s3_region", "s3_path_style",
     "s3_credentials_file", "s3_redirect", "index", "index_password_file", "local_cache_size",
-    "peer_listen", "peer_url", "cluster_secret_file",
+    "peer_listen", "peer_url", "cluster_secret_file", "hosted", "hosted_max_size",
 )  # fmt: skip
 
 

@@ -32,7 +32,10 @@ class ConfigError(ValueError):
 
 
 WEB_UI_PLACES = ("registry", "admin", "off")
-WEBHOOK_EVENTS = ("image.cached", "tag.updated", "blob.evicted", "upstream.error")
+WEBHOOK_EVENTS = (
+    "image.cached", "tag.updated", "blob.evicted", "upstream.error", "image.pushed",
+    "image.deleted",
+)  # fmt: skip
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -96,9 +99,14 @@ class RegistryConfig:
     password: str | None = field(default=None, repr=False)  # never printed
     tag_ttl: float = DEFAULT_TAG_TTL
     token_realms: tuple[str, ...] = ()  # extra hosts allowed to receive the credentials
-    # Content anonymous clients could not pull upstream: "deny" it, or serve it to clients whose
-    # own credentials the upstream accepts ("passthrough"). See visibility.py.
+    # Content anonymous clients could not pull upstream: "deny" it, serve it to clients whose
+    # own credentials the upstream accepts ("passthrough"), or to the mirror's own users
+    # ("members"), as `members` allows. See visibility.py.
     private: str = "deny"
+    # With private = "members": (repository pattern, user patterns) in the file's order; a
+    # private repository matching a pattern goes to its users only, one matching none to
+    # every mirror user. Patterns: fnmatch (`acme/*`, `team-*`).
+    members: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def credentials(self) -> tuple[str, str] | None:
@@ -311,14 +319,35 @@ def parse_hosts(
 
 _REGISTRY_KEYS = {
     "url", "username", "password_file", "password_env", "tag_ttl", "token_realms", "private",
+    "members",
 }  # fmt: skip
-PRIVATE_POLICIES = ("deny", "passthrough")
+PRIVATE_POLICIES = ("deny", "passthrough", "members")
 
 
 def _private_policy(value: object, setting: str) -> str:
     if value not in PRIVATE_POLICIES:
-        raise ConfigError(f'{setting}: {value!r} must be "deny" or "passthrough"')
+        raise ConfigError(f'{setting}: {value!r} must be "deny", "passthrough" or "members"')
     return str(value)
+
+
+def parse_members(table: object, setting: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`members = {"acme/*" = ["alice", "team-*"]}`: repository pattern -> user patterns."""
+    if not isinstance(table, dict):
+        raise ConfigError(f'{setting}: a table of repository patterns, e.g. "acme/*" = ["alice"]')
+    rules: list[tuple[str, tuple[str, ...]]] = []
+    for pattern, users in table.items():
+        rules.append((pattern, tuple(sorted(_users(users, f'{setting}."{pattern}"')))))
+    return tuple(rules)
+
+
+def _members_policy(table: Mapping[str, Any], setting: str) -> dict[str, Any]:
+    private = _private_policy(table.get("private", "deny"), f"{setting}.private")
+    if "members" in table and private != "members":
+        raise ConfigError(f'{setting}.members: only with private = "members"')
+    return {
+        "private": private,
+        "members": parse_members(table.get("members", {}), f"{setting}.members"),
+    }
 
 
 _HOSTED_KEYS = {"push", "pull"}
@@ -414,7 +443,7 @@ def _registry_table(name: str, table: object, env: Mapping[str, str]) -> Registr
         password=password,
         tag_ttl=parse_duration(table.get("tag_ttl", DEFAULT_TAG_TTL), f"{setting}.tag_ttl"),
         token_realms=parse_hosts(table.get("token_realms", ()), f"{setting}.token_realms"),
-        private=_private_policy(table.get("private", "deny"), f"{setting}.private"),
+        **_members_policy(table, setting),
     )
 
 
@@ -628,7 +657,7 @@ def load_config(
         password=password,
         tag_ttl=parse_duration(pick("tag_ttl"), "tag_ttl"),
         token_realms=parse_hosts(pick("token_realms")),
-        private=_private_policy(hub_table.get("private", "deny"), 'registries."docker.io".private'),
+        **_members_policy(hub_table, 'registries."docker.io"'),
     )
     workers = pick("workers") or default_workers(len(os.sched_getaffinity(0)), cgroup_cpu_limit())
     if not str(workers).isdigit() or int(workers) < 1:
@@ -713,6 +742,17 @@ def load_config(
             'peer_listen: cluster mode needs shared storage: storage = "s3://..." and '
             'index = "postgresql://..."'
         )
+    for registry in config.registries.values():
+        if registry.private != "members":
+            continue
+        setting = f'registries."{registry.name}".private = "members"'
+        if not config.auth_htpasswd:
+            raise ConfigError(f"{setting}: members are the mirror's users: set auth_htpasswd")
+        if not registry.credentials:
+            raise ConfigError(
+                f"{setting}: needs the registry's credentials (without them, all the mirror "
+                "fetches is public anyway)"
+            )
     passthrough = [r.name for r in config.registries.values() if r.private == "passthrough"]
     if config.auth_htpasswd and passthrough:
         # A client sends one set of credentials: the mirror's own users, or the upstream's.

@@ -9,6 +9,12 @@ answer per repository for `TTL`. Everything else gets the 401 an anonymous clien
 the upstream. That holds for content already cached, and on the hit path too, which serves a
 repository only once it is known public.
 
+With `private = "members"` such content is served to the mirror's own users (`auth_htpasswd`),
+fetched with the mirror's credentials, as Harbor's proxy-cache projects serve their members:
+the org's private repositories to its people, never to an anonymous client on the LAN; a
+`members` table narrows which users get which repositories. Anonymous clients and wrong
+passwords get 401 with the Basic challenge; a user without the right gets 403 DENIED.
+
 With `private = "passthrough"` such content is served to a client whose own credentials the
 upstream accepts for that repository: the mirror challenges with Basic auth, then asks the
 upstream with the client's credentials (its token service, or the registry itself), and
@@ -22,9 +28,10 @@ could fetch too.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from cachetools import LRUCache
@@ -38,6 +45,7 @@ CLIENT_TTL = 60.0  # seconds a client's credentials stay accepted (or refused) f
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="mirror"'}
 
 Key = tuple[str, str]  # registry, repository
+Members = tuple[tuple[str, tuple[str, ...]], ...]  # RegistryConfig.members
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +67,12 @@ class Visibility:
         anonymous: Mapping[str, RegistryClient],
         as_client: Callable[[str, str, str], RegistryClient] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        identify: Callable[[str | None], Awaitable[str | None]] | None = None,
     ) -> None:
         """`anonymous`: for each registry that has credentials, a client without them;
-        `as_client(registry, username, password)`: a client with a mirror client's credentials."""
+        `as_client(registry, username, password)`: a client with a mirror client's credentials;
+        `identify(authorization)`: the mirror user it proves, or None (private = "members")."""
+        self._identify = identify
         self._anonymous = anonymous
         self._as_client = as_client
         self._clock = clock
@@ -74,7 +85,7 @@ class Visibility:
     @property
     def challenges(self) -> bool:
         """Whether `/v2/` should invite credentials (clients such as Docker learn it there)."""
-        return any(c.registry.private == "passthrough" for c in self._anonymous.values())
+        return any(c.registry.private != "deny" for c in self._anonymous.values())
 
     @property
     def gated(self) -> bool:
@@ -111,7 +122,11 @@ class Visibility:
             public, _ = await self._probes.do(key, lambda: self._probe(key, probe, known))
         if public:
             return PUBLIC
-        if self._anonymous[registry].registry.private != "passthrough":
+        config = self._anonymous[registry].registry
+        if config.private == "members":
+            await self._member_may_pull(config.members, repository, authorization)
+            return PUBLIC  # fetched and confirmed with the mirror's own credentials
+        if config.private != "passthrough":
             raise RegistryError.unauthorized(
                 "authentication required: this repository is not public upstream"
             )
@@ -124,6 +139,19 @@ class Visibility:
                 "this repository", headers=CHALLENGE,
             )  # fmt: skip
         return Grant(credentials)
+
+    async def _member_may_pull(
+        self, members: Members, repository: str, authorization: str | None
+    ) -> None:
+        user = None if self._identify is None else await self._identify(authorization)
+        if user is None:
+            message = "wrong username or password" if authorization else "authentication required"
+            raise RegistryError(
+                401, "UNAUTHORIZED", f"{message}: this repository is for the mirror's users",
+                headers=CHALLENGE,
+            )  # fmt: skip
+        if not members_allow(members, repository, user):
+            raise RegistryError.denied(f"{user} may not pull {repository}")
 
     async def status_as(
         self, grant: Grant, default: RegistryClient, repository: str, probe: str
@@ -180,6 +208,16 @@ class Visibility:
             raise RegistryError.unavailable("cannot tell whether this repository is public")
         self._known[key] = (public, self._clock() + TTL)
         return public
+
+
+def members_allow(members: Members, repository: str, user: str) -> bool:
+    """May this mirror user pull this private repository? The first rule whose repository
+    pattern matches decides (its user patterns); a repository no rule matches is every
+    user's. Case-sensitive (fnmatchcase): names are lowercase, user names are as written."""
+    for pattern, users in members:
+        if fnmatch.fnmatchcase(repository, pattern):
+            return any(fnmatch.fnmatchcase(user, allowed) for allowed in users)
+    return True
 
 
 def _may_pull(status: int) -> bool | None:

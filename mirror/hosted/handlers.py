@@ -74,11 +74,11 @@ class HostedRegistry:
             await self.access.pull(route.repository, authorization)
             return await self._read(request, route)
         if request.method == "PUT" and route.endpoint is Endpoint.MANIFEST:
-            await self.access.push(route.repository, authorization)
-            return await self._put_manifest(request, route)
+            user = await self.access.push(route.repository, authorization)
+            return await self._put_manifest(request, route, user)
         if request.method == "DELETE" and route.endpoint is Endpoint.MANIFEST:
-            await self.access.push(route.repository, authorization)
-            await self.content.delete_manifest(route.repository, route.reference)
+            user = await self.access.push(route.repository, authorization)
+            await self.content.delete_manifest(route.repository, route.reference, user)
             return web.Response(status=202)
         raise RegistryError.unsupported(f"{request.method} is not supported here")
 
@@ -106,12 +106,12 @@ class HostedRegistry:
         headers = {"OCI-Filters-Applied": "artifactType"} if filtered else {}
         return web.Response(body=body, content_type=OCI_INDEX, headers=headers)
 
-    async def _put_manifest(self, request: web.Request, route: Route) -> web.Response:
+    async def _put_manifest(self, request: web.Request, route: Route, user: str) -> web.Response:
         if not route.is_digest:
             validate_tag(route.reference)
         data = await _read_capped(request)
         digest, subject = await self.content.put_manifest(
-            route.repository, route.reference, data, request.headers.get("Content-Type")
+            route.repository, route.reference, data, request.headers.get("Content-Type"), user
         )
         headers = {
             "Location": f"/v2/{route.repository}/manifests/{digest}",

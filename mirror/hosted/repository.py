@@ -38,6 +38,7 @@ from mirror.shared import FileLock
 from mirror.store.blobs.base import ContentStore
 from mirror.store.index import Index
 from mirror.store.source import BlobSource
+from mirror.webhooks import EventSink, ignore_event
 
 CHUNK = 1024 * 1024  # bytes read at a time from an upload's file into the content store
 
@@ -100,7 +101,9 @@ class HostedContent:
         evictor: Evictor,
         max_size: int,
         gc_lock: FileLock,
+        events: EventSink = ignore_event,
     ) -> None:
+        self._events = events
         self._gc_lock = gc_lock
         self._index = index
         self._content = content
@@ -201,10 +204,10 @@ class HostedContent:
         return await self._index.holds(HOSTED, repository, digest)
 
     async def put_manifest(
-        self, repository: str, reference: str, data: bytes, content_type: str | None
+        self, repository: str, reference: str, data: bytes, content_type: str | None, user: str
     ) -> tuple[str, str | None]:
         """Check and keep a pushed manifest, tagging it when `reference` is a tag; its digest
-        and the digest of its `subject`, if it has one."""
+        and the digest of its `subject`, if it has one. `user`: who pushed, for the event."""
         if len(data) > MAX_MANIFEST_BYTES:
             raise manifest_invalid(f"manifests are limited to {MAX_MANIFEST_BYTES} bytes")
         algorithm = reference.split(":", 1)[0] if is_digest(reference) else "sha256"
@@ -248,9 +251,18 @@ class HostedContent:
             if media_type not in INDEX_TYPES:
                 for child, _ in children:
                     await self._index.unpin(HOSTED, repository, child)
-        if not is_digest(reference):
-            await self._index.set_tag(HOSTED, repository, reference, digest, time.time())
+        tag = None if is_digest(reference) else reference
+        if tag is not None:
+            await self._index.set_tag(HOSTED, repository, tag, digest, time.time())
         HOSTED_PUSHES.inc()
+        # The image's size: the manifest and everything it names, once each.
+        named = await self._index.closure(digest)
+        size = sum({**named, digest: len(data)}.values())
+        self._events(
+            "image.pushed",
+            {"repository": repository, "tag": tag, "digest": digest, "user": user,
+             "media_type": media_type, "size": size},
+        )  # fmt: skip
         return digest, subject_of(doc)
 
     async def _check_children(
@@ -287,19 +299,29 @@ class HostedContent:
             raise RegistryError.manifest_unknown(reference)
         return Manifest(digest, media_type, data)
 
-    async def delete_manifest(self, repository: str, reference: str) -> None:
+    async def delete_manifest(self, repository: str, reference: str, user: str) -> None:
         """By digest: the manifest and its tags leave the repository (its bytes stay until
-        garbage collection). By tag: only the tag."""
-        if not is_digest(reference):
-            if await self._index.get_tag(HOSTED, repository, reference) is None:
-                raise RegistryError.manifest_unknown(reference)
-            await self._index.delete_tag(HOSTED, repository, reference)
-        else:
-            if await self._index.get_manifest_type(HOSTED, repository, reference) is None:
+        garbage collection). By tag: only the tag. `user`: who deleted, for the event."""
+        if is_digest(reference):
+            digest = reference
+            media_type = await self._index.get_manifest_type(HOSTED, repository, digest)
+            if media_type is None:
                 raise RegistryError.manifest_unknown(reference)
             # Its pins stay until GC, which removes what nothing else names.
-            await self._index.delete_manifest(HOSTED, repository, reference)
+            tags = await self._index.delete_manifest(HOSTED, repository, digest)
+        else:
+            row = await self._index.get_tag(HOSTED, repository, reference)
+            if row is None:
+                raise RegistryError.manifest_unknown(reference)
+            digest, tags = row.digest, [reference]
+            await self._index.delete_tag(HOSTED, repository, reference)
         HOSTED_DELETES.inc()
+        size = await self._index.get_blob(digest) or 0
+        self._events(
+            "image.deleted",
+            {"repository": repository, "tag": None if is_digest(reference) else reference,
+             "tags": tags, "digest": digest, "user": user, "size": size},
+        )  # fmt: skip
 
     async def blob(self, repository: str, digest: str, redirectable: bool) -> BlobSource:
         if not await self.holds(repository, digest):

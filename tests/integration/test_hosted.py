@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from mirror.cli import _parser, config_from_args
 from mirror.config import ConfigError, load_config
 from tests.fixtures.backends import Backend
 from tests.fixtures.fakehub import FakeHub
@@ -23,6 +25,7 @@ from tests.fixtures.procs import (
 from tests.integration.test_client_auth import basic, write_htpasswd
 from tests.integration.test_operations import mirror_cli
 from tests.integration.test_pull_path import ALL_TYPES
+from tests.integration.test_webhooks import Receiver
 
 pytestmark = pytest.mark.backends("local", "s3")
 
@@ -230,6 +233,12 @@ def test_hosted_namespaces_are_configured_by_flag_environment_and_tables(tmp_pat
         {"MIRROR_HOSTED": "one, two", "MIRROR_HOSTED_MAX_SIZE": "1GiB"},
     )
     assert sorted(config.hosted) == ["one", "two"] and config.hosted_max_size == 1 << 30
+    args = _parser().parse_args(
+        ["serve", "--hosted", "acme", "--hosted", "team", "--hosted-max-size", "2GiB",
+         "--auth-htpasswd", str(htpasswd)]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert sorted(config.hosted) == ["acme", "team"] and config.hosted_max_size == 2 << 30
     with pytest.raises(ConfigError, match="library"):
         load_config({"hosted": ["library"], "auth_htpasswd": str(htpasswd)}, {})
     with pytest.raises(ConfigError, match="need auth_htpasswd"):
@@ -340,3 +349,40 @@ async def test_a_push_racing_gc_for_its_shared_layer_completes_intact(
         host = m.url.removeprefix("http://")
         for round_ in range(3):
             await skopeo_pull_and_verify(f"{host}/acme/app:{round_}", tmp_path / str(round_), image)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    found = Receiver()
+    await found.up()
+    yield found
+    await found.down()
+
+
+async def test_pushes_and_deletes_are_announced_by_webhook(
+    hub: FakeHub, tmp_path: Path, receiver: Receiver
+) -> None:
+    image = small_image("announced")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    config = hosted_config(tmp_path, htpasswd)
+    alice = basic("alice", "wonderland")
+    async with mirror_process(
+        tmp_path / "data", hub.registry_url, "--config", str(config), "--webhook", receiver.url
+    ) as m:
+        await http_push(m.url, "acme/app", "1", image, ("alice", "wonderland"))
+        await receiver.wait_for("image.pushed")
+        [pushed] = receiver.of_type("image.pushed")
+        assert pushed["data"] == {
+            "repository": "acme/app", "tag": "1", "digest": image.digest, "user": "alice",
+            "media_type": image.top.media_type,
+            "size": len(image.top.data) + image.blob_bytes,
+        }  # fmt: skip
+        async with aiohttp.ClientSession(headers={"Authorization": alice}) as http:
+            for reference in ("1", image.digest):
+                async with http.delete(f"{m.url}/v2/acme/app/manifests/{reference}") as resp:
+                    assert resp.status == 202
+        await receiver.wait_for("image.deleted", 2)
+        by_tag, by_digest = (e["data"] for e in receiver.of_type("image.deleted"))
+        common = {"repository": "acme/app", "digest": image.digest, "user": "alice"}
+        assert by_tag == {**common, "tag": "1", "tags": ["1"], "size": len(image.top.data)}
+        assert by_digest == {**common, "tag": None, "tags": [], "size": len(image.top.data)}
