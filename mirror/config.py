@@ -127,6 +127,7 @@ class HostedConfig:
     name: str
     push: frozenset[str] | None = None
     pull: frozenset[str] | str = ANYONE
+    immutable_tags: bool = False  # a pushed tag never moves to another digest (nor is deleted)
 
     def may_push(self, user: str) -> bool:
         return self.push is None or user in self.push
@@ -350,7 +351,7 @@ def _members_policy(table: Mapping[str, Any], setting: str) -> dict[str, Any]:
     }
 
 
-_HOSTED_KEYS = {"push", "pull"}
+_HOSTED_KEYS = {"push", "pull", "immutable_tags"}
 
 
 def _users(value: object, setting: str) -> frozenset[str]:
@@ -389,7 +390,10 @@ def parse_hosted(names: object, tables: object) -> dict[str, HostedConfig]:
         push = _users(table["push"], f"{setting}.push") if "push" in table else None
         pull = table.get("pull", ANYONE)
         hosted[name] = HostedConfig(
-            name, push, pull if pull == ANYONE else _users(pull, f'{setting}.pull (or "anyone")')
+            name,
+            push,
+            pull if pull == ANYONE else _users(pull, f'{setting}.pull (or "anyone")'),
+            parse_bool(table.get("immutable_tags", False), f"{setting}.immutable_tags"),
         )
     return hosted
 

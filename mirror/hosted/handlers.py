@@ -78,6 +78,8 @@ class HostedRegistry:
             return await self._put_manifest(request, route, user)
         if request.method == "DELETE" and route.endpoint is Endpoint.MANIFEST:
             user = await self.access.push(route.repository, authorization)
+            if self.access.rules(route.repository).immutable_tags:
+                await self.content.refuse_untagging(route.repository, route.reference)
             await self.content.delete_manifest(route.repository, route.reference, user)
             return web.Response(status=202)
         raise RegistryError.unsupported(f"{request.method} is not supported here")
@@ -110,6 +112,8 @@ class HostedRegistry:
         if not route.is_digest:
             validate_tag(route.reference)
         data = await _read_capped(request)
+        if not route.is_digest and self.access.rules(route.repository).immutable_tags:
+            await self.content.refuse_moving(route.repository, route.reference, data)
         digest, subject = await self.content.put_manifest(
             route.repository, route.reference, data, request.headers.get("Content-Type"), user
         )

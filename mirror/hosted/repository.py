@@ -286,6 +286,22 @@ class HostedContent:
             pinned.add(child)
         return pinned
 
+    async def refuse_moving(self, repository: str, tag: str, data: bytes) -> None:
+        """With immutable tags: DENIED unless the tag is new or names these very bytes
+        (pushing the same image again is not a move)."""
+        row = await self._index.get_tag(HOSTED, repository, tag)
+        if row is not None and row.digest != f"sha256:{hashlib.sha256(data).hexdigest()}":
+            raise RegistryError.denied(f"tag {tag} is immutable in {repository}")
+
+    async def refuse_untagging(self, repository: str, reference: str) -> None:
+        """With immutable tags: DENIED for a tag, and for a manifest that tags name."""
+        if is_digest(reference):
+            tagged = bool(await self._index.tags_of(HOSTED, repository, reference))
+        else:
+            tagged = await self._index.get_tag(HOSTED, repository, reference) is not None
+        if tagged:
+            raise RegistryError.denied(f"tags are immutable in {repository}")
+
     async def manifest(self, repository: str, reference: str) -> Manifest:
         digest = reference
         if not is_digest(reference):

@@ -15,7 +15,14 @@ from mirror.cli import _parser, config_from_args
 from mirror.config import ConfigError, load_config
 from tests.fixtures.backends import Backend
 from tests.fixtures.fakehub import FakeHub
-from tests.fixtures.images import big_image, make_image, multiarch_image, sha256, small_image
+from tests.fixtures.images import (
+    big_image,
+    make_image,
+    multiarch_image,
+    random_bytes,
+    sha256,
+    small_image,
+)
 from tests.fixtures.procs import (
     http_push,
     mirror_process,
@@ -386,3 +393,123 @@ async def test_pushes_and_deletes_are_announced_by_webhook(
         common = {"repository": "acme/app", "digest": image.digest, "user": "alice"}
         assert by_tag == {**common, "tag": "1", "tags": ["1"], "size": len(image.top.data)}
         assert by_digest == {**common, "tag": None, "tags": [], "size": len(image.top.data)}
+
+
+async def test_a_chunked_upload_cut_mid_chunk_resumes_where_the_mirror_says(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """A PATCH whose connection drops keeps what arrived; the client asks (GET) where the
+    upload stands and sends the rest from there."""
+    data = random_bytes(3 << 20, seed=7)
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    config = hosted_config(tmp_path, htpasswd)
+    alice = basic("alice", "wonderland")
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--config", str(config)) as m:
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": alice}) as http,
+            http.post(f"{m.url}/v2/acme/app/blobs/uploads/") as resp,
+        ):
+            assert resp.status == 202 and resp.headers["Range"] == "0-0"
+            location = m.url + resp.headers["Location"]
+        # A raw connection announces 3 MiB and sends 1 MiB, then goes away.
+        host, port = m.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        path = location.removeprefix(m.url)
+        writer.write(
+            f"PATCH {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {alice}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Range: 0-{len(data) - 1}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data[: 1 << 20]
+        )
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.close()
+        del reader
+        async with aiohttp.ClientSession(headers={"Authorization": alice}) as http:
+            for _ in range(50):  # the server notices the cut and stops writing
+                async with http.get(location) as resp:
+                    assert resp.status == 204
+                    held = int(resp.headers["Range"].split("-")[1]) + 1
+                if held == 1 << 20:
+                    break
+                await asyncio.sleep(0.1)
+            assert held == 1 << 20
+            # Out of order is refused with where the upload stands.
+            async with http.patch(
+                location,
+                data=data[held + 1 :],
+                headers={"Content-Range": f"{held + 1}-{len(data) - 1}"},
+            ) as resp:
+                assert resp.status == 416 and resp.headers["Range"] == f"0-{held - 1}"
+            async with http.patch(
+                location, data=data[held:], headers={"Content-Range": f"{held}-{len(data) - 1}"}
+            ) as resp:
+                assert resp.status == 202 and resp.headers["Range"] == f"0-{len(data) - 1}"
+            async with http.put(f"{location}?digest={sha256(data)}") as resp:
+                assert resp.status == 201, await resp.text()
+            async with http.get(f"{m.url}/v2/acme/app/blobs/{sha256(data)}") as resp:
+                assert resp.status == 200 and await resp.read() == data
+            async with http.get(location) as resp:
+                assert resp.status == 404  # the session ended with the blob
+
+
+async def test_a_wrong_digest_stores_nothing_and_the_quota_refuses_what_does_not_fit(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    config = hosted_config(tmp_path, htpasswd)
+    alice = basic("alice", "wonderland")
+    data, other = random_bytes(300_000, seed=1), random_bytes(300_000, seed=2)
+    async with (
+        mirror_process(
+            tmp_path / "data",
+            hub.registry_url,
+            "--config",
+            str(config),
+            "--hosted-max-size",
+            "500KB",
+        ) as m,
+        aiohttp.ClientSession(headers={"Authorization": alice}) as http,
+    ):
+        uploads = f"{m.url}/v2/acme/app/blobs/uploads/"
+        async with http.post(f"{uploads}?digest={sha256(other)}", data=data) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["errors"][0]["code"] == "DIGEST_INVALID"
+        for digest in (sha256(data), sha256(other)):
+            async with http.head(f"{m.url}/v2/acme/app/blobs/{digest}") as resp:
+                assert resp.status == 404
+        assert not list((tmp_path / "data" / "uploads").iterdir())
+        async with http.post(f"{uploads}?digest={sha256(data)}", data=data) as resp:
+            assert resp.status == 201
+        async with http.post(f"{uploads}?digest={sha256(other)}", data=other) as resp:
+            assert resp.status == 403, await resp.text()
+            body = await resp.json()
+            assert body["errors"][0]["code"] == "DENIED"
+            assert "hosted_max_size" in body["errors"][0]["message"]
+        async with http.head(f"{m.url}/v2/acme/app/blobs/{sha256(other)}") as resp:
+            assert resp.status == 404
+        async with http.get(f"{m.url}/metrics") as resp:
+            assert "mirror_hosted_bytes 300000.0" in await resp.text()
+
+
+async def test_immutable_tags_never_move(hub: FakeHub, tmp_path: Path) -> None:
+    first, second = small_image("first"), small_image("second")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    config = tmp_path / "mirror.toml"
+    config.write_text(f'auth_htpasswd = "{htpasswd}"\n[hosted."acme"]\nimmutable_tags = true\n')
+    alice = basic("alice", "wonderland")
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--config", str(config)) as m:
+        await http_push(m.url, "acme/app", "1.0", first, ("alice", "wonderland"))
+        await http_push(m.url, "acme/app", "1.0", first, ("alice", "wonderland"))  # the same
+        await http_push(m.url, "acme/app", "2.0", second, ("alice", "wonderland"))
+        async with aiohttp.ClientSession(headers={"Authorization": alice}) as http:
+            url = f"{m.url}/v2/acme/app/manifests"
+            headers = {"Content-Type": second.top.media_type}
+            async with http.put(f"{url}/1.0", data=second.top.data, headers=headers) as resp:
+                assert resp.status == 403
+                assert (await resp.json())["errors"][0]["code"] == "DENIED"
+            for reference in ("1.0", first.digest):
+                async with http.delete(f"{url}/{reference}") as resp:
+                    assert resp.status == 403
+            async with http.get(f"{url}/1.0", headers={"Accept": ALL_TYPES}) as resp:
+                assert await resp.read() == first.top.data
