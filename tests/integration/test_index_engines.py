@@ -341,6 +341,59 @@ async def test_pins_are_per_reference_and_counted_on_unpin(index: Index) -> None
     assert await index.unpin(HUB, "r", "empty") == 0
 
 
+async def test_hosted_manifests_are_listed_deleted_with_their_tags_and_counted(
+    index: Index,
+) -> None:
+    await index.add_blob(d(1), 100, None)
+    await index.add_blob(d(2), 50, None)
+    await index.add_manifest("hosted", "acme/app", d(3), MANIFEST, 7, [(d(1), 100)])
+    await index.add_manifest("hosted", "acme/app", d(4), MANIFEST, 9, [(d(2), 50)])
+    await index.set_tag("hosted", "acme/app", "b", d(3), 1.0)
+    await index.set_tag("hosted", "acme/app", "a", d(3), 1.0)
+    await index.set_tag("hosted", "acme/app", "c", d(4), 1.0)
+    assert await index.manifests_of("hosted", "acme/app") == [d(3), d(4)]
+    assert await index.manifests_of("hosted", "acme/other") == []
+    assert await index.delete_manifest("hosted", "acme/app", d(3)) == ["a", "b"]
+    assert await index.manifests_of("hosted", "acme/app") == [d(4)]
+    assert await index.list_tags("hosted", "acme/app") == ["c"]
+    assert await index.get_blob(d(3)) == 7  # the content stays: GC decides
+    await index.pin("hosted", "acme/app", d(4), {d(4), d(2)})
+    await index.pin(HUB, "r", "v1", {d(1)})
+    assert await index.pinned_bytes("hosted") == 9 + 50
+    assert await index.pinned_bytes(HUB) == 100
+
+
+async def test_collect_garbage_frees_deleted_manifests_and_stale_uploads_only(
+    index: Index,
+) -> None:
+    """acme/app: manifest d(10) (config d(1), layer d(2)) live; manifest d(11) (layer d(3),
+    shared layer d(2)) deleted; d(4) uploaded and never named; d(5) the same, but used
+    after the cutoff (a push in progress); d(6) the same, and a cached image's layer."""
+    for n, size in ((1, 10), (2, 20), (3, 30), (4, 40), (5, 50), (6, 60)):
+        await index.add_blob(d(n), size, None)
+    await index.add_manifest("hosted", "acme/app", d(10), MANIFEST, 5, [(d(1), 10), (d(2), 20)])
+    await index.add_manifest("hosted", "acme/app", d(11), MANIFEST, 6, [(d(3), 30), (d(2), 20)])
+    await index.add_manifest(HUB, "library/x", d(12), MANIFEST, 7, [(d(6), 60)])
+    await index.pin("hosted", "acme/app", d(10), {d(10), d(1), d(2)})
+    await index.pin("hosted", "acme/app", d(11), {d(11), d(3), d(2)})
+    for n in (4, 5, 6):
+        await index.pin("hosted", "acme/app", d(n), {d(n)})
+        await index.add_holder("hosted", "acme/app", d(n))
+    await index.delete_manifest("hosted", "acme/app", d(11))
+    cutoff = time.time() + 10  # every blob was last used before it...
+    await index.touch_many({d(5): cutoff + 100})  # ...but this one
+    expected = [(d(3), 30), (d(4), 40), (d(11), 6)]
+    assert sorted(await index.collect_garbage("hosted", cutoff, dry_run=True)) == expected
+    assert await index.pinned_bytes("hosted") == 5 + 10 + 20 + 6 + 30 + 40 + 50 + 60
+    # Without grace for uploads, only the deleted manifest's pins go.
+    assert sorted(await index.collect_garbage("hosted", 0.0)) == [(d(3), 30), (d(11), 6)]
+    assert await index.collect_garbage("hosted", cutoff) == [(d(4), 40)]
+    # d(6) lost its pin too, but a cached image keeps it.
+    assert await index.pinned() == {d(10), d(1), d(2), d(5)}
+    assert await index.collect_garbage("hosted", cutoff) == []
+    assert await index.pinned_bytes("hosted") == 5 + 10 + 20 + 50
+
+
 # -- what the CLI and the web page list ------------------------------------------------------------
 async def test_images_lists_every_cached_tag_with_its_blob(index: Index) -> None:
     await index.add_manifest(HUB, "library/b", d(1), MANIFEST, 10, [])
