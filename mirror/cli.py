@@ -24,6 +24,7 @@ from mirror.listeners import ListenError
 from mirror.logs import setup_logging
 from mirror.prefetch import human_bytes, prefetch
 from mirror.recovery import IndexOpenError
+from mirror.reference import HOSTED, routed_name
 from mirror.store.engines import open_index
 from mirror.store.index import Index, SqliteIndex
 from mirror.workers import WORKER_FLAG, die_with_parent, run_worker, supervise
@@ -355,11 +356,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     rows = [
         [
-            f"{i['registry']}/{i['repository']}:{i['tag']}",
+            # Hosted images by the name clients push and pull them by (no registry host).
+            f"{routed_name(str(i['registry']), str(i['repository']))}:{i['tag']}"
+            if i["registry"] == HOSTED
+            else f"{i['registry']}/{i['repository']}:{i['tag']}",
             str(i["digest"])[:19],
             human_bytes(float(str(i["size"]))),
             time.strftime("%Y-%m-%d %H:%M", time.localtime(float(str(i["last_access"])))),
-            "yes" if i["pinned"] else "",
+            # Hosted images are kept until deleted: "hosted" says so, rather than "yes".
+            "hosted" if i["registry"] == HOSTED else "yes" if i["pinned"] else "",
         ]
         for i in images
     ]

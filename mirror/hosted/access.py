@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from mirror.clientauth import ClientAuth
-from mirror.config import HostedConfig
+from mirror.config import ANYONE, HostedConfig
 from mirror.errors import RegistryError
 from mirror.visibility import CHALLENGE
 
@@ -25,13 +25,24 @@ class HostedAccess:
         self._namespaces = namespaces
         self._auth = auth
 
+    @property
+    def restricted(self) -> bool:
+        """Does some namespace limit who may pull?"""
+        return any(rules.pull != ANYONE for rules in self._namespaces.values())
+
     def rules(self, repository: str) -> HostedConfig:
         return self._namespaces[namespace_of(repository)]
 
+    def listed_to_anyone(self, repository: str) -> bool:
+        """For pages that know no user: may anyone pull it? (False for a namespace no longer
+        configured: its rows stay in the index, unreachable.)"""
+        rules = self._namespaces.get(namespace_of(repository))
+        return rules is not None and rules.pull == ANYONE
+
     async def may_pull(self, repository: str, authorization: str | None) -> bool:
         """For listings (the catalog): would a pull be let in? Never raises."""
-        rules = self.rules(repository)
-        return rules.may_pull(await self._auth.identify(authorization))
+        rules = self._namespaces.get(namespace_of(repository))
+        return rules is not None and rules.may_pull(await self._auth.identify(authorization))
 
     async def pull(self, repository: str, authorization: str | None) -> None:
         rules = self.rules(repository)

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from mirror.errors import RegistryError
-from mirror.keys import CLIENT_AUTH, EVICTOR, INDEX, TRAFFIC, VIEWS, VISIBILITY
-from mirror.reference import routed_name
+from mirror.keys import CLIENT_AUTH, EVICTOR, HOSTED_REGISTRY, INDEX, TRAFFIC, VIEWS, VISIBILITY
+from mirror.reference import HOSTED, routed_name
 from mirror.store.index import ImageRow
 from mirror.traffic import chart_buckets
 from mirror.web import render
@@ -69,7 +69,21 @@ class WebPages:
             await self._main[CLIENT_AUTH].check(request.headers.get("Authorization"))
 
     def _visible(self, registry: str, repository: str) -> bool:
-        return self._admin or self._main[VISIBILITY].known_public(registry, repository)
+        """What the page lists: hosted repositories whose namespace anyone may pull (one with
+        a `pull` list only on the admin listener: the page knows no user), and cached ones
+        anonymous clients could pull."""
+        if self._admin:
+            return True
+        if registry == HOSTED:
+            hosted = self._main.get(HOSTED_REGISTRY)
+            return hosted is not None and hosted.access.listed_to_anyone(repository)
+        return self._main[VISIBILITY].known_public(registry, repository)
+
+    @property
+    def _gated(self) -> bool:
+        hosted = self._main.get(HOSTED_REGISTRY)
+        restricted = hosted is not None and hosted.access.restricted
+        return restricted or self._main[VISIBILITY].gated
 
     async def _summary(self) -> render.Summary:
         traffic = self._main[TRAFFIC]
@@ -96,7 +110,7 @@ class WebPages:
 
     async def _search(self, query: str, offset: int) -> tuple[int, list[ImageRow]]:
         index = self._main[INDEX]
-        if self._admin or not self._main[VISIBILITY].gated:
+        if self._admin or not self._gated:
             return await index.search_images(query, offset, render.PAGE_SIZE)
         # Some rows may be hidden: filter every match, then page (counts stay right).
         _, rows = await index.search_images(query, 0, -1)

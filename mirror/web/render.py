@@ -13,7 +13,7 @@ from html import escape
 from urllib.parse import quote, urlencode
 
 from mirror.prefetch import human_bytes
-from mirror.reference import routed_name
+from mirror.reference import HOSTED, routed_name
 from mirror.web.images import ImageDetail, Layer, ListedImage
 
 CSS = """
@@ -95,6 +95,14 @@ def _actions(image: str, pinned: bool, back: str) -> str:
     return pin + " " + _button("purge", "Purge", image, "/")
 
 
+def _kept(registry: str, pinned: bool) -> str:
+    """The last column: hosted images (the team's own, pushed here; kept until deleted), or
+    cached ones an operator pinned."""
+    if registry == HOSTED:
+        return '<td class="hosted">hosted</td>'
+    return '<td class="pinned">pinned</td>' if pinned else "<td></td>"
+
+
 def listing(
     images: list[ListedImage], total: int, query: str, offset: int, admin: bool, charts: str
 ) -> str:
@@ -112,15 +120,17 @@ def listing(
             f"<td>{escape(', '.join(item.platforms)) or '—'}</td>",
             f'<td class="num">{human_bytes(item.size)}</td>',
             f"<td>{when(r.last_access)}</td>",
-            '<td class="pinned">pinned</td>' if r.pinned else "<td></td>",
+            _kept(r.registry, r.pinned),
         ]
-        if admin:
+        if admin and r.registry == HOSTED:
+            cells.append("<td></td>")  # pushed and deleted with the registry API, not here
+        elif admin:
             image = f"{r.registry}/{r.repository}:{r.tag}"
             cells.append(f"<td>{_actions(image, r.pinned, back)}</td>")
         rows.append(f'<tr class="image">{"".join(cells)}</tr>')
     head = "".join(
         f"<th{' class=num' if h == 'Size' else ''}>{h}</th>"
-        for h in ("Repository", "Tag", "Digest", "Platforms", "Size", "Last pulled", "Pinned")
+        for h in ("Repository", "Tag", "Digest", "Platforms", "Size", "Last pulled", "Kept")
     ) + ("<th>Actions</th>" if admin else "")
     table = (
         f"<table id=images><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -188,7 +198,7 @@ def detail(image: ImageDetail, admin: bool) -> str:
     tags = ", ".join(escape(t) for t in image.tags) or '<span class="muted">none</span>'
     back = image_path(image.registry, image.repository, image.digest)
     actions = ""
-    if admin:
+    if admin and image.registry != HOSTED:
         actions = "".join(
             f"<p>{escape(t)}: "
             f"{_actions(f'{image.registry}/{image.repository}:{t}', image.pinned, back)}</p>"

@@ -513,3 +513,25 @@ async def test_immutable_tags_never_move(hub: FakeHub, tmp_path: Path) -> None:
                     assert resp.status == 403
             async with http.get(f"{url}/1.0", headers={"Accept": ALL_TYPES}) as resp:
                 assert await resp.read() == first.top.data
+
+
+async def test_the_page_and_mirror_ls_mark_hosted_images(hub: FakeHub, tmp_path: Path) -> None:
+    """The registry listener's page lists hosted images anyone may pull, marked hosted; one
+    namespace with a pull list only on the admin listener's page."""
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
+    config = hosted_config(tmp_path, htpasswd)
+    data = tmp_path / "data"
+    async with mirror_process(data, hub.registry_url, "--config", str(config)) as m:
+        await http_push(m.url, "acme/app", "1", small_image("open"), ("alice", "wonderland"))
+        await http_push(m.url, "secret/app", "1", small_image("closed"), ("bob", "builder"))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{m.url}/?q=app") as resp:
+                page = await resp.text()
+            async with http.get(f"{m.admin}/?q=app") as resp:
+                admin_page = await resp.text()
+        assert "acme/app" in page and '<td class="hosted">hosted</td>' in page
+        assert "secret/app" not in page
+        assert "acme/app" in admin_page and "secret/app" in admin_page
+        table = await mirror_cli("ls", "--data", str(data))
+    lines = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+    assert lines["acme/app:1"][-1] == "hosted" and lines["secret/app:1"][-1] == "hosted"
