@@ -535,3 +535,25 @@ async def test_the_page_and_mirror_ls_mark_hosted_images(hub: FakeHub, tmp_path:
         table = await mirror_cli("ls", "--data", str(data))
     lines = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
     assert lines["acme/app:1"][-1] == "hosted" and lines["secret/app:1"][-1] == "hosted"
+
+
+async def test_a_hosted_namespace_shadows_docker_hub_except_for_containerd_ns(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    upstream, ours = small_image("docker-hub-acme"), small_image("our-acme")
+    hub.add("acme/app", "1", upstream)
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    config = hosted_config(tmp_path, htpasswd)
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--config", str(config)) as m:
+        url = f"{m.url}/v2/acme/app/manifests/1"
+        headers = {"Accept": ALL_TYPES}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            async with http.get(url) as resp:
+                assert resp.status == 404  # not pushed yet, and never asked upstream
+            assert not [r for r in hub.log if "acme" in r.path]
+            await http_push(m.url, "acme/app", "1", ours, ("alice", "wonderland"))
+            for _ in range(2):  # the second time from the hit path's memory, if ever
+                async with http.get(url) as resp:
+                    assert await resp.read() == ours.top.data
+                async with http.get(url, params={"ns": "docker.io"}) as resp:
+                    assert await resp.read() == upstream.top.data
