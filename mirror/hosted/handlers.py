@@ -66,7 +66,16 @@ class HostedRegistry:
             if route.registry != HOSTED:
                 raise RegistryError.unsupported("pushes go to hosted namespaces only")
             return await self._upload(request, route.repository, upload["id"])
-        route = self.route(path, ns)
+        try:
+            route = self.route(path, ns)
+        except RegistryError as exc:
+            # A read of a malformed tag is "not there"; a push of one is TAG_INVALID.
+            name, marker, tag = path.rpartition("/manifests/")
+            if exc.code != "MANIFEST_UNKNOWN" or request.method != "PUT" or not marker:
+                raise
+            if self.route(f"{name}/tags/list", ns).registry != HOSTED:
+                return None
+            raise RegistryError.tag_invalid(tag) from None
         if route.registry != HOSTED:
             return None
         authorization = request.headers.get("Authorization")

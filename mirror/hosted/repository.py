@@ -209,7 +209,10 @@ class HostedContent:
         """Check and keep a pushed manifest, tagging it when `reference` is a tag; its digest
         and the digest of its `subject`, if it has one. `user`: who pushed, for the event."""
         if len(data) > MAX_MANIFEST_BYTES:
-            raise manifest_invalid(f"manifests are limited to {MAX_MANIFEST_BYTES} bytes")
+            # The spec's answer to a manifest over a registry's limit (distribution's is 400).
+            raise RegistryError(
+                413, "MANIFEST_INVALID", f"manifests are limited to {MAX_MANIFEST_BYTES} bytes"
+            )
         algorithm = reference.split(":", 1)[0] if is_digest(reference) else "sha256"
         digest = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
         if is_digest(reference) and reference != digest:

@@ -17,6 +17,7 @@ from tests.fixtures.backends import Backend
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import (
     big_image,
+    make_artifact,
     make_image,
     multiarch_image,
     random_bytes,
@@ -557,3 +558,92 @@ async def test_a_hosted_namespace_shadows_docker_hub_except_for_containerd_ns(
                     assert await resp.read() == ours.top.data
                 async with http.get(url, params={"ns": "docker.io"}) as resp:
                     assert await resp.read() == upstream.top.data
+
+
+async def test_pushed_artifacts_are_listed_by_the_referrers_api(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    image = small_image("signed")
+    signature = make_artifact(image, "application/vnd.dev.cosign.signature", b"sig")
+    sbom = make_artifact(image, "application/spdx+json", b"{}", {"org.example": "sbom"})
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    config = hosted_config(tmp_path, htpasswd)
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--config", str(config)) as m:
+        await http_push(m.url, "acme/app", "1", image, ("alice", "wonderland"))
+        alice = {"Authorization": basic("alice", "wonderland")}
+        async with aiohttp.ClientSession(headers=alice) as http:
+            for artifact in (signature, sbom):
+                await http_push(m.url, "acme/app", "unused", artifact, ("alice", "wonderland"))
+                async with http.put(
+                    f"{m.url}/v2/acme/app/manifests/{artifact.digest}",
+                    data=artifact.top.data,
+                    headers={"Content-Type": artifact.top.media_type},
+                ) as resp:
+                    assert resp.status == 201
+                    assert resp.headers["OCI-Subject"] == image.digest
+            url = f"{m.url}/v2/acme/app/referrers/{image.digest}"
+            async with http.get(url) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Type"] == "application/vnd.oci.image.index.v1+json"
+                assert "OCI-Filters-Applied" not in resp.headers
+                listed = (await resp.json())["manifests"]
+            assert sorted((e["digest"], e["artifactType"]) for e in listed) == sorted(
+                [
+                    (signature.digest, "application/vnd.dev.cosign.signature"),
+                    (sbom.digest, "application/spdx+json"),
+                ]
+            )
+            [entry] = [e for e in listed if e["digest"] == sbom.digest]
+            assert entry["size"] == len(sbom.top.data)
+            assert entry["annotations"] == {"org.example": "sbom"}
+            async with http.get(url, params={"artifactType": "application/spdx+json"}) as resp:
+                assert resp.headers["OCI-Filters-Applied"] == "artifactType"
+                assert [e["digest"] for e in (await resp.json())["manifests"]] == [sbom.digest]
+            other = f"{m.url}/v2/acme/app/referrers/{signature.digest}"
+            async with http.get(other) as resp:
+                assert (await resp.json())["manifests"] == []
+
+
+@pytest.mark.parametrize("who", ["anonymous", "wrong-password", "no-push-right", "push-right"])
+async def test_every_push_request_checks_who_is_asking(
+    hub: FakeHub, tmp_path: Path, who: str
+) -> None:
+    """The matrix: upload, mount, manifest put, manifest delete and pull, as each kind of
+    client, against `acme` (push: alice; pull: anyone)."""
+    image = small_image("matrix")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
+    config = hosted_config(tmp_path, htpasswd)
+    authorization = {
+        "anonymous": None,
+        "wrong-password": basic("alice", "queen"),
+        "no-push-right": basic("bob", "builder"),
+        "push-right": basic("alice", "wonderland"),
+    }[who]
+    refused = {"anonymous": 401, "wrong-password": 401, "no-push-right": 403}.get(who)
+    async with mirror_process(tmp_path / "data", hub.registry_url, "--config", str(config)) as m:
+        await http_push(m.url, "acme/base", "1", image, ("alice", "wonderland"))
+        layer = image.layers()[0]
+        headers = {"Authorization": authorization} if authorization else {}
+        base = f"{m.url}/v2/acme/app"
+        manifest_headers = {**headers, "Content-Type": image.top.media_type}
+        requests = [
+            ("POST", f"{base}/blobs/uploads/", headers, b"", 202),
+            ("POST", f"{base}/blobs/uploads/?digest={layer.digest}", headers, layer.data, 201),
+            ("POST", f"{base}/blobs/uploads/?mount={layer.digest}&from=acme/base", headers,
+             b"", 201),
+            ("PUT", f"{m.url}/v2/acme/base/manifests/2", manifest_headers, image.top.data, 201),
+            ("DELETE", f"{m.url}/v2/acme/base/manifests/2", headers, b"", 202),
+        ]  # fmt: skip
+        async with aiohttp.ClientSession() as http:
+            for method, url, sent, body, allowed in requests:
+                async with http.request(method, url, headers=sent, data=body) as resp:
+                    expected = refused or allowed
+                    assert resp.status == expected, (method, url, await resp.text())
+                    if resp.status == 401:
+                        assert resp.headers["WWW-Authenticate"].startswith("Basic")
+                    if resp.status == 403:
+                        assert (await resp.json())["errors"][0]["code"] == "DENIED"
+            pull = f"{m.url}/v2/acme/base/manifests/1"
+            async with http.get(pull, headers={**headers, "Accept": ALL_TYPES}) as resp:
+                # anyone may pull: a wrong password is an anonymous client (anonymous_pull)
+                assert resp.status == 200
