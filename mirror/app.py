@@ -66,6 +66,7 @@ from mirror.missing import MissingCache
 from mirror.probes import add_probe_routes, add_readiness, healthz_for, metrics
 from mirror.recovery import mark_pending, open_checked
 from mirror.referrers import ReferrerLists
+from mirror.search import docker_search
 from mirror.shared import FileLock, SharedState
 from mirror.store.blobs import BlobStore
 from mirror.store.engines import open_content, open_index
@@ -290,6 +291,7 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     app.router.add_route("*", "/v2/", v2_root)
     app.router.add_route("*", "/v2", v2_root)
     app.router.add_route("*", "/v2/_catalog", catalog)  # before the catch-all below
+    app.router.add_route("*", "/v1/search", docker_search)
     app.router.add_route("*", "/v2/{path:.+}", v2_dispatch)
     if config.web_ui == "registry":
         app.router.add_routes(WebPages(app, admin=False).routes())

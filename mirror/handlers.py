@@ -177,6 +177,28 @@ async def referrers(request: web.Request, route: Route) -> web.Response:
     return web.Response(body=body, content_type=OCI_INDEX, headers=headers)
 
 
+async def visible_repositories(request: web.Request) -> list[tuple[str, str]]:
+    """(registry, repository) of every cached or hosted repository this client may see.
+
+    One filter for every listing (`_catalog`, `/v1/search`), so a name that a pull would
+    refuse is never disclosed by any of them: a hosted repository only to users its
+    namespace lets pull, an upstream one with credentials only once known to be public
+    (see visibility.py).
+    """
+    visibility = request.app[VISIBILITY]
+    hosted = request.app.get(HOSTED_REGISTRY)
+    return [
+        (registry, repository)
+        for registry, repository in await request.app[INDEX].repositories()
+        if (
+            visibility.known_public(registry, repository)
+            if registry != HOSTED
+            else hosted is not None
+            and await hosted.access.may_pull(repository, _authorization(request))
+        )
+    ]
+
+
 async def catalog(request: web.Request) -> web.Response:
     """`GET /v2/_catalog`: the repositories this mirror holds, paginated as the spec says.
 
@@ -187,18 +209,7 @@ async def catalog(request: web.Request) -> web.Response:
     await request.app[CLIENT_AUTH].check(_authorization(request))
     if request.method not in READ_METHODS:
         raise RegistryError.unsupported()
-    visibility = request.app[VISIBILITY]
-    hosted = request.app.get(HOSTED_REGISTRY)
-    names = [
-        routed_name(registry, repository)
-        for registry, repository in await request.app[INDEX].repositories()
-        if (
-            visibility.known_public(registry, repository)
-            if registry != HOSTED
-            else hosted is not None
-            and await hosted.access.may_pull(repository, _authorization(request))
-        )
-    ]
+    names = [routed_name(*pair) for pair in await visible_repositories(request)]
     n = parse_n(request.query.get("n"))
     page, more = paginate(names, n, request.query.get("last"))
     headers = API_VERSION_HEADER.copy()
