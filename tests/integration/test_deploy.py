@@ -30,9 +30,11 @@ from prometheus_client import REGISTRY
 
 import mirror.metrics  # noqa: F401  (defines every metric in REGISTRY)
 from mirror.cli import _parser, config_from_args
-from mirror.config import S3Config, WebhookConfig, load_config
+from mirror.clientauth import load_htpasswd
+from mirror.config import ANYONE, HostedConfig, S3Config, WebhookConfig, load_config
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.procs import free_port, mirror_process, need, prometheus, run
+from tests.integration.test_client_auth import write_htpasswd
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "mirror"
@@ -219,6 +221,165 @@ def test_no_secret_without_passwords() -> None:
 )
 def test_values_schema_rejects_bad_values(values: dict[str, Any]) -> None:
     with pytest.raises(helm_python.HelmValuesError):
+        render(values)
+
+
+# The team's own registry beside the cache (README, "Host your own images"): users from an
+# htpasswd Secret, hosted namespaces, the org's private Docker Hub and ghcr.io repositories for
+# its members (README, "Private repositories").
+HOSTED: dict[str, Any] = {
+    "auth": {"existingSecret": "mirror-users", "htpasswdKey": "users", "anonymousPull": True},
+    "upstream": {"username": "acme", "existingSecret": "hub-token", "private": "members",
+                 "members": [{"repository": "acme/secret-*", "users": ["alice"]},
+                             {"repository": "acme/*", "users": ["alice", "team-*"]}]},
+    "registries": {"ghcr.io": {"url": "https://ghcr.io", "username": "bot",
+                               "existingSecret": "ghcr-token", "private": "members"}},
+    "hosted": {"acme": {"push": ["alice", "ci-bot"], "immutableTags": True},
+               "secret": {"pull": ["alice"]}, "open": {}},
+    "hostedMaxSize": "50GiB",
+    "config": {"webhooks": [{"url": "http://ci.ops/hook",
+                             "events": ["image.pushed", "image.deleted"]}]},
+    "tls": {"enabled": True, "secretName": "mirror-tls"},
+}  # fmt: skip
+
+
+def test_hosted_chart_lints_and_every_manifest_validates() -> None:
+    report = helm_python.lint(CHART, HOSTED, strict=False)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+    objects, notes = render(HOSTED)
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    assert not [o for o in objects if o["kind"] == "Secret"]  # every secret is the user's own
+    assert "docker push ADDRESS/acme/IMAGE:TAG   # hosted: acme, open, secret" in notes
+    assert "curl -u USER:PASSWORD https://" in notes
+
+
+def test_hosted_config_is_one_the_mirror_accepts(tmp_path: Path) -> None:
+    """The htpasswd file is the user's Secret mounted read-only where auth_htpasswd says; the
+    ConfigMap's hosted namespaces and member rules are what the mirror loads, rules in order."""
+    objects, _ = render(HOSTED)
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "auth"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "auth"]
+    assert mount["readOnly"] is True
+    assert volume["secret"] == {"secretName": "mirror-users", "defaultMode": 0o440,
+                                "items": [{"key": "users", "path": "htpasswd"}]}  # fmt: skip
+    htpasswd = f"{mount['mountPath']}/htpasswd"
+    assert mirror_toml(objects)["auth_htpasswd"] == htpasswd
+    assert "env" not in container
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/var/lib/mirror", "/tmp"}
+
+    toml_text = one(objects, "ConfigMap", "hub-mirror")["data"]["mirror.toml"]
+    toml_text = toml_text.replace(htpasswd, str(write_htpasswd(tmp_path, alice="wonderland")))
+    for registry in ("docker.io", "ghcr.io"):
+        (tmp_path / registry).write_text(f"token for {registry}\n")
+        toml_text = toml_text.replace(
+            f"/etc/mirror/credentials/{registry}", str(tmp_path / registry)
+        )
+    (tmp_path / "mirror.toml").write_text(toml_text)
+    config = load_config({}, {}, str(tmp_path / "mirror.toml"))
+    assert config.auth_htpasswd is not None and config.anonymous_pull is True
+    assert set(load_htpasswd(config.auth_htpasswd)) == {"alice"}  # as `mirror serve` checks
+    assert config.hosted == {
+        "acme": HostedConfig("acme", frozenset({"alice", "ci-bot"}), ANYONE, immutable_tags=True),
+        "secret": HostedConfig("secret", None, frozenset({"alice"})),
+        "open": HostedConfig("open"),
+    }
+    assert config.hosted_max_size == 50 * 1024**3
+    hub, ghcr = config.registries["docker.io"], config.registries["ghcr.io"]
+    assert (hub.private, ghcr.private) == ("members", "members")
+    # The first matching rule decides, so the chart keeps the values' order.
+    assert hub.members == (("acme/secret-*", ("alice",)), ("acme/*", ("alice", "team-*")))
+    assert ghcr.members == () and ghcr.password == "token for ghcr.io"
+    assert {e for hook in config.webhooks for e in hook.events} == {"image.pushed", "image.deleted"}
+
+
+def test_without_auth_or_hosted_none_of_it_is_rendered() -> None:
+    objects, notes = render({"auth": {"htpasswdKey": "users", "anonymousPull": True}})
+    config = mirror_toml(objects)
+    assert not {"auth_htpasswd", "anonymous_pull", "hosted", "hosted_max_size"} & set(config)
+    assert "members" not in config["registries"]["docker.io"]
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
+    assert "auth" not in {v["name"] for v in pod["volumes"]}
+    assert "Push:" not in notes and "-u USER" not in notes
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"hosted": {"acme": {}}}, "hosted namespaces need auth.existingSecret"),
+        ({**HOSTED, "auth": {"anonymousPull": True}}, "hosted namespaces need auth.existingSecret"),
+        ({"upstream": {"username": "acme", "existingSecret": "hub-token", "private": "members"}},
+         "upstream.private=members: members are the mirror's users"),
+        ({**HOSTED, "registries": {"ghcr.io": {"url": "https://ghcr.io", "private": "members"}}},
+         "registries.ghcr.io.private=members: needs the registry's credentials"),
+        ({**HOSTED, "registries": {"quay.io": {"url": "https://quay.io",
+                                               "private": "passthrough"}}},
+         "registries.quay.io.private=passthrough cannot be combined with auth"),
+        ({**HOSTED, "replicaCount": 3}, "each replica would keep its own pushes"),
+        ({**HOSTED, "upstream": {**HOSTED["upstream"], "members": [
+            {"repository": "acme/*", "users": ["alice"]},
+            {"repository": "acme/*", "users": ["bob"]}]}},
+         "upstream.members: acme/\\* is listed twice"),
+    ],
+    ids=["hosted-no-auth", "hosted-no-secret", "members-no-auth", "members-no-credentials",
+         "passthrough-with-auth", "hosted-replicas-apart", "members-twice"],
+)  # fmt: skip
+def test_render_fails_where_the_mirror_would_refuse_to_start(
+    values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=message):
+        render(values)
+
+
+@pytest.mark.parametrize("kind", ["StatefulSet", "Deployment"], ids=["shared-storage", "cluster"])
+def test_hosted_replicas_on_shared_storage_all_mount_the_users(kind: str) -> None:
+    objects, _ = render({**(CLUSTER if kind == "Deployment" else SHARED_STORAGE), **HOSTED})
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    workload = one(objects, kind)["spec"]
+    assert workload["replicas"] == 3
+    assert "auth" in {v["name"] for v in workload["template"]["spec"]["volumes"]}
+    assert set(mirror_toml(objects)["hosted"]) == {"acme", "secret", "open"}
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ({"hosted": {"acme": {"pull": "everyone"}}}, "at '/hosted/acme/pull'"),
+        ({"hosted": {"acme": {"pull": [""]}}}, "at '/hosted/acme/pull'"),
+        ({"hosted": {"acme": {"push": "alice"}}}, "at '/hosted/acme/push'"),
+        ({"hosted": {"acme": {"immutable_tags": True}}}, "at '/hosted/acme'"),
+        ({"hosted": {"acme": {"immutableTags": "yes"}}}, "at '/hosted/acme/immutableTags'"),
+        ({"hosted": {"library": {}}}, "invalid propertyName 'library'"),
+        ({"hosted": {"ghcr.io": {}}}, "invalid propertyName 'ghcr[.]io'"),
+        ({"hosted": {"Acme": {}}}, "invalid propertyName 'Acme'"),
+        ({"hostedMaxSize": "lots"}, "at '/hostedMaxSize'"),
+        ({"auth": {"htpasswd": "alice:$2y$..."}}, "at '/auth'"),
+        ({"auth": {"anonymousPull": "yes"}}, "at '/auth/anonymousPull'"),
+        ({"auth": {"existingSecret": "Mirror Users"}}, "at '/auth/existingSecret'"),
+        ({"upstream": {"private": "member"}}, "at '/upstream/private'"),
+        ({"upstream": {"members": [{"repository": "acme/*", "users": ["alice"]}]}},
+         "at '/upstream/private'"),
+        ({"upstream": {"private": "members", "members": {"acme/*": ["alice"]}}},
+         "at '/upstream/members'"),
+        ({"registries": {"ghcr.io": {"url": "https://ghcr.io", "private": "members",
+                                     "members": [{"repository": "acme/*", "users": "alice"}]}}},
+         "at '/registries/ghcr.io/members/0/users'"),
+        ({"registries": {"ghcr.io": {"url": "https://ghcr.io",
+                                     "members": [{"repository": "acme/*", "users": []}]}}},
+         "at '/registries/ghcr.io'"),
+        ({"config": {"webhooks": [{"url": "http://x", "events": ["image.pulled"]}]}},
+         "at '/config/webhooks/0/events/0'"),
+    ],
+)  # fmt: skip
+def test_values_schema_rejects_bad_hosted_and_auth_values(
+    values: dict[str, Any], error: str
+) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=error):
         render(values)
 
 
@@ -658,13 +819,15 @@ def test_dashboard_and_rules_query_only_metrics_the_mirror_defines() -> None:
     }
     dashboard = json.loads((ROOT / "grafana" / "mirror.json").read_text())
     rules = yaml.safe_load((ROOT / "grafana" / "alerts.yml").read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + [
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])] + [
         r["expr"] for g in rules["groups"] for r in g["rules"]
     ]
     used = {name for expr in exprs for name in re.findall(r"\bmirror_[a-z_]+", expr)}
     assert used - defined == set()
     backend = {"mirror_backend_duration_seconds_bucket", "mirror_backend_errors_total"}
     assert backend | {"mirror_backend_up"} <= used
+    hosted = {name for name in defined if name.startswith("mirror_hosted_")}
+    assert len(hosted) == 7 and hosted <= used  # every hosted metric has its panel
 
 
 @contextlib.asynccontextmanager
@@ -737,7 +900,7 @@ async def test_dashboard_cluster_totals_count_a_shared_cache_once(tmp_path: Path
     panels = {
         (p["title"], t["refId"]): t["expr"]
         for p in json.loads((ROOT / "grafana" / "mirror.json").read_text())["panels"]
-        for t in p["targets"]
+        for t in p.get("targets", [])  # a row has none
     }
     async with exporters(pages) as targets, prometheus(tmp_path / "prom", targets) as prom:
         cluster, separate = "|".join(targets[:3]), "|".join(targets[3:])

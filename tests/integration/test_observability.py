@@ -16,7 +16,15 @@ from tests.conftest import StartAdmin, StartMirror
 from tests.fixtures.backends import Backend
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import make_image, random_bytes, small_image
-from tests.fixtures.procs import downloads_settled, mirror_process, need, prometheus, run
+from tests.fixtures.procs import (
+    downloads_settled,
+    http_push,
+    mirror_process,
+    need,
+    prometheus,
+    run,
+)
+from tests.integration.test_client_auth import write_htpasswd
 from tests.integration.test_pull_path import ALL_TYPES, get, mirror_url, pull
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,7 +171,7 @@ async def test_health_and_readiness(
 
 def dashboard_queries() -> list[tuple[str, str]]:
     dashboard = json.loads((ROOT / "grafana" / "mirror.json").read_text())
-    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
 def test_dashboard_is_importable_shape() -> None:
@@ -171,9 +179,21 @@ def test_dashboard_is_importable_shape() -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["instance"]["type"] == "query"
+    taken: set[tuple[int, int]] = set()
     for panel in dashboard["panels"]:
+        pos = panel["gridPos"]
+        cells = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"])
+                 for y in range(pos["y"], pos["y"] + pos["h"])}  # fmt: skip
+        assert pos["x"] + pos["w"] <= 24 and not cells & taken, panel["title"]  # no overlap
+        taken |= cells
+        if panel["type"] == "row":  # a heading: no queries of its own
+            assert (pos["w"], pos["h"], panel["panels"]) == (24, 1, []), panel["title"]
+            assert "targets" not in panel
+            continue
         assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
         assert panel["datasource"]["uid"] == "${datasource}"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for needed in (
         "saved",
@@ -186,6 +206,10 @@ def test_dashboard_is_importable_shape() -> None:
         "evictions",
         "coalesced",
         "digest mismatches",
+        "hosted content size",
+        "hosted pushes",
+        "received vs mounted",
+        "hosted garbage collection",
     ):
         assert needed in titles, needed
 
@@ -215,9 +239,14 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
 ) -> None:
     need("prometheus")
     hub.add("library/alpine", "3.19", small_image("prom"))
+    # A cache that is also the team's registry, so the hosted panels have pushes to show.
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    (tmp_path / "mirror.toml").write_text(
+        f'auth_htpasswd = "{htpasswd}"\nanonymous_pull = true\n[hosted."acme"]\n'
+    )
     async with mirror_process(
         tmp_path / "data", hub.registry_url, "--max-size", "1GiB", *backend.flags,
-        env=backend.env,
+        "--config", str(tmp_path / "mirror.toml"), env=backend.env,
     ) as mirror:  # fmt: skip
         target = mirror.url.removeprefix("http://")
         async with prometheus(tmp_path / "prom", [target]) as prom, aiohttp.ClientSession() as http:
@@ -225,6 +254,9 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
             await pull(http, mirror.url, "library/alpine", "3.19")
             await pull(http, mirror.url, "library/alpine", "3.19")
             await get(http, f"{mirror.url}/v2/library/alpine/manifests/missing", Accept=ALL_TYPES)
+            await http_push(
+                mirror.url, "acme/app", "1", small_image("team"), ("alice", "wonderland")
+            )
             await scrapes(http, prom.url, 5)  # several scrapes after the traffic
             empty: list[str] = []
             for title, expr in dashboard_queries():

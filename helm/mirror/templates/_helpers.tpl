@@ -67,3 +67,43 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "mirror.scheme" -}}
 {{- if .Values.tls.enabled -}}HTTPS{{- else -}}HTTP{{- end -}}
 {{- end -}}
+
+{{/* A TOML array of strings. */}}
+{{- define "mirror.tomlStrings" -}}
+[{{ range $i, $s := . }}{{ if $i }}, {{ end }}{{ $s | quote }}{{ end }}]
+{{- end -}}
+
+{{/*
+Values the schema cannot judge alone and the mirror would refuse at start (config.py): fail the
+render with the reason rather than deploy a pod that crash-loops.
+*/}}
+{{- define "mirror.refuseWhatTheMirrorRefuses" -}}
+{{- $auth := .Values.auth.existingSecret -}}
+{{- if and .Values.hosted (not $auth) -}}
+{{- fail (printf "hosted (%s): hosted namespaces need auth.existingSecret, an htpasswd Secret: pushing always needs a mirror user" (keys .Values.hosted | sortAlpha | first)) -}}
+{{- end -}}
+{{- if and .Values.hosted (not .Values.cluster.enabled) (gt (int .Values.replicaCount) 1) (not (and .Values.storage.s3.enabled .Values.index.postgres.enabled)) -}}
+{{- fail "hosted with replicaCount > 1: each replica would keep its own pushes; enable storage.s3 and index.postgres (one shared store)" -}}
+{{- end -}}
+{{- range $name, $r := (include "mirror.registries" . | fromYaml) -}}
+{{- $where := ternary "upstream" (printf "registries.%s" $name) (eq $name "docker.io") -}}
+{{- if eq (toString $r.private) "members" -}}
+{{- if not $auth -}}
+{{- fail (printf "%s.private=members: members are the mirror's users: set auth.existingSecret (an htpasswd Secret)" $where) -}}
+{{- end -}}
+{{- if not (and $r.username (or $r.password $r.existingSecret)) -}}
+{{- fail (printf "%s.private=members: needs the registry's credentials (username, and password or existingSecret): without them, all the mirror fetches is public anyway" $where) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $auth (eq (toString $r.private) "passthrough") -}}
+{{- fail (printf "%s.private=passthrough cannot be combined with auth.existingSecret: a client sends one set of credentials, the mirror's or the upstream's" $where) -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- range $r.members -}}
+{{- if hasKey $seen .repository -}}
+{{- fail (printf "%s.members: %s is listed twice" $where .repository) -}}
+{{- end -}}
+{{- $_ := set $seen .repository true -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

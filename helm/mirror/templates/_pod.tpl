@@ -144,6 +144,11 @@ spec:
           mountPath: /etc/mirror/index
           readOnly: true
         {{- end }}
+        {{- if .Values.auth.existingSecret }}
+        - name: auth
+          mountPath: /etc/mirror/auth
+          readOnly: true
+        {{- end }}
         {{- if $cluster }}
         - name: cluster-secret
           mountPath: /etc/mirror/cluster
@@ -177,6 +182,17 @@ spec:
         items:
           - key: {{ .Values.index.postgres.passwordKey }}
             path: password
+    {{- end }}
+    {{- with .Values.auth.existingSecret }}
+    # The users of the mirror itself (auth_htpasswd): read at start, so a changed Secret takes
+    # effect at the next restart.
+    - name: auth
+      secret:
+        secretName: {{ . }}
+        defaultMode: 0440
+        items:
+          - key: {{ $.Values.auth.htpasswdKey }}
+            path: htpasswd
     {{- end }}
     {{- if $cluster }}
     - name: cluster-secret
