@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from mirror.evict import Evictor
-from mirror.metrics import HOSTED_GC_BYTES, HOSTED_GC_RUNS
+from mirror.metrics import HOSTED_BYTES, HOSTED_GC_BYTES, HOSTED_GC_RUNS
 from mirror.reference import HOSTED
 from mirror.shared import FileLock
 from mirror.store.index import Index
@@ -48,6 +48,7 @@ async def collect(
             return Collected(len(doomed), sum(size for _, size in doomed), _names(doomed))
         done = await evictor.remove(doomed, "gc") if doomed else None
     HOSTED_GC_RUNS.inc()
+    HOSTED_BYTES.set(await index.pinned_bytes(HOSTED))
     freed = done.bytes if done else 0
     HOSTED_GC_BYTES.inc(freed)
     if doomed:
@@ -62,7 +63,12 @@ def _names(doomed: list[tuple[str, int]]) -> tuple[str, ...]:
 async def collect_periodically(
     index: Index, evictor: Evictor, lock: FileLock, every: float = EVERY
 ) -> None:
-    """The primary process's collections; a failure (the database down) waits for the next."""
+    """The primary process's collections; a failure (the database down) waits for the next.
+    The quota gauge is set at once: pushes set it, but none may come for hours."""
+    try:
+        HOSTED_BYTES.set(await index.pinned_bytes(HOSTED))
+    except Exception as exc:  # the gauge waits for the next push or GC
+        log.warning("hosted content: cannot count it now: %s", exc)
     while True:
         await asyncio.sleep(every)
         try:

@@ -317,6 +317,8 @@ async def test_gc_frees_exactly_the_bytes_no_manifest_names(
             text = await resp.text()
         assert f"mirror_hosted_gc_bytes_total {float(done['bytes'])}" in text
         assert "mirror_hosted_gc_runs_total 2.0" in text
+        # What is left: the second image, its shared layer once.
+        assert f"mirror_hosted_bytes {float(len(second.top.data) + second.blob_bytes)}" in text
 
 
 async def test_a_push_racing_gc_for_its_shared_layer_completes_intact(
