@@ -32,6 +32,7 @@ from mirror.hitpath import hit_path_factory
 from mirror.hosted.access import HostedAccess
 from mirror.hosted.gc import collect_periodically
 from mirror.hosted.handlers import HostedRegistry
+from mirror.hosted.quota import RESERVATIONS, HostedQuota
 from mirror.hosted.repository import HostedContent
 from mirror.hosted.uploads import UploadSessions, sweep_uploads
 from mirror.keys import (
@@ -166,6 +167,8 @@ async def prepare_data(config: Config) -> tuple[Index, SharedState]:
         if report.repaired:
             log.warning("%s", report.describe())
     shared = SharedState(config.data_dir / "state")
+    if config.hosted:  # before any worker serves: no push of a previous run is in flight
+        HostedQuota.reset(config.data_dir / RESERVATIONS)
     usage, _, _ = await index.usage()
     shared.set_usage(usage)
     return index, shared
@@ -269,13 +272,12 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
     if config.hosted:
         uploads = UploadSessions(config.data_dir / "uploads")
         gc_lock = FileLock(config.data_dir / "hosted-gc.lock")
+        quota = HostedQuota(index, config.hosted_max_size, config.data_dir / RESERVATIONS)
         app[HOSTED_REGISTRY] = HostedRegistry(
             config,
             HostedAccess(config.hosted, app[CLIENT_AUTH]),
             uploads,
-            HostedContent(
-                index, content, fetcher, evictor, config.hosted_max_size, gc_lock, events
-            ),
+            HostedContent(index, content, fetcher, evictor, quota, gc_lock, events),
             visibility,
             membership,
             gc_lock,

@@ -27,7 +27,7 @@ from mirror.keys import (
     VISIBILITY,
 )  # fmt: skip
 from mirror.mediatypes import OCI_INDEX, parse_accept
-from mirror.reference import HOSTED, Endpoint, Route, parse_v2_path, routed_name
+from mirror.reference import HOSTED, Endpoint, Route, listed_name, parse_v2_path
 from mirror.referrers import referrers_index
 from mirror.responses import (
     manifest_response,
@@ -209,7 +209,8 @@ async def catalog(request: web.Request) -> web.Response:
     await request.app[CLIENT_AUTH].check(_authorization(request))
     if request.method not in READ_METHODS:
         raise RegistryError.unsupported()
-    names = [routed_name(*pair) for pair in await visible_repositories(request)]
+    hosted = request.app[CONFIG].hosted_names
+    names = [listed_name(*pair, hosted) for pair in await visible_repositories(request)]
     n = parse_n(request.query.get("n"))
     page, more = paginate(names, n, request.query.get("last"))
     headers = API_VERSION_HEADER.copy()

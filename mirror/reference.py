@@ -104,6 +104,15 @@ def routed_name(registry: str, repository: str) -> str:
     return repository if registry in (DOCKER_HUB, HOSTED) else f"{registry}/{repository}"
 
 
+def listed_name(registry: str, repository: str, hosted: frozenset[str]) -> str:
+    """The name a listing (`_catalog`, search) shows, one a client can pull by: routed_name,
+    except for a Docker Hub repository under a hosted namespace's name, which `acme/tool`
+    would route to the hosted one: `docker.io/acme/tool` reaches it."""
+    if registry == DOCKER_HUB and repository.partition("/")[0] in hosted:
+        return f"{DOCKER_HUB}/{repository}"
+    return routed_name(registry, repository)
+
+
 def parse_v2_path(
     path: str, ns: str | None, registries: frozenset[str], hosted: frozenset[str] = frozenset()
 ) -> Route:

@@ -25,7 +25,7 @@ from aiohttp import web
 from mirror.errors import RegistryError
 from mirror.handlers import READ_METHODS, visible_repositories
 from mirror.keys import CLIENT_AUTH, CONFIG
-from mirror.reference import DOCKER_HUB, routed_name
+from mirror.reference import DOCKER_HUB, listed_name
 
 DEFAULT_PAGE_SIZE = 25  # the daemon's default `--limit`, and Docker Hub's
 MAX_PAGE_SIZE = 100  # the daemon refuses a larger `--limit` before asking
@@ -81,10 +81,10 @@ def search_entry(registry: str, repository: str, hosted_namespaces: frozenset[st
     Docker Hub's official images are shown as Docker Hub shows them (`alpine`, not
     `library/alpine`), which the mirror routes to `library/alpine` too. Except where a hosted
     namespace has that very name: the mirror routes `alpine` there (reference.parse_v2_path),
-    so the official image keeps its `library/` prefix. Other repositories are shown by their
-    routed name (`acme/app`, `ghcr.io/owner/app`).
+    so the official image keeps its `library/` prefix. Other repositories are shown by the
+    name that reaches them (`acme/app`, `ghcr.io/owner/app`; reference.listed_name).
     """
-    routed = routed_name(registry, repository)
+    routed = listed_name(registry, repository, hosted_namespaces)
     official = registry == DOCKER_HUB and repository.startswith(_OFFICIAL_PREFIX)
     short = repository.removeprefix(_OFFICIAL_PREFIX)
     shown = short if official and short.partition("/")[0] not in hosted_namespaces else routed

@@ -8,6 +8,7 @@ id is bound to its repository and user, never a pass by itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator
@@ -38,7 +39,7 @@ from mirror.tags import tags_page
 from mirror.visibility import Visibility
 
 _UPLOAD_PATH = re.compile(r"^(?P<name>.+)/blobs/uploads/(?P<id>[^/]*)$")
-_CONTENT_RANGE = re.compile(r"^(\d+)-(\d+)$")
+_CONTENT_RANGE = re.compile(r"^(\d{1,19})-(\d{1,19})$")  # int() of a longer one: a 500
 BODY_CHUNK = 256 * 1024
 
 
@@ -121,11 +122,13 @@ class HostedRegistry:
         if not route.is_digest:
             validate_tag(route.reference)
         data = await _read_capped(request)
-        if not route.is_digest and self.access.rules(route.repository).immutable_tags:
+        immutable = self.access.rules(route.repository).immutable_tags
+        if not route.is_digest and immutable:
             await self.content.refuse_moving(route.repository, route.reference, data)
         digest, subject = await self.content.put_manifest(
-            route.repository, route.reference, data, request.headers.get("Content-Type"), user
-        )
+            route.repository, route.reference, data, request.headers.get("Content-Type"), user,
+            immutable,
+        )  # fmt: skip
         headers = {
             "Location": f"/v2/{route.repository}/manifests/{digest}",
             "Docker-Content-Digest": digest,
@@ -146,16 +149,13 @@ class HostedRegistry:
         if request.method == "PATCH":
             start = _content_range_start(request.headers.get("Content-Range"))
             size = await self.uploads.append(
-                upload, _body(request), start, await self.content.room()
+                upload, _body(request), start, await self._room(upload)
             )
             return _upload_answer(202, upload, size)
         if request.method == "PUT":
             digest = validate_digest(request.query.get("digest", ""))
-            await self.uploads.append(upload, _body(request), None, await self.content.room())
-            try:
-                await self.content.commit_upload(upload, digest)
-            finally:
-                self.uploads.remove(upload.id)
+            await self.uploads.append(upload, _body(request), None, await self._room(upload))
+            await self._commit(upload, digest)
             return _blob_created(repository, digest)
         if request.method == "DELETE":
             self.uploads.remove(upload.id)
@@ -174,11 +174,25 @@ class HostedRegistry:
             return _upload_answer(202, upload, 0)
         try:
             validate_digest(digest)
-            await self.uploads.append(upload, _body(request), None, await self.content.room())
-            await self.content.commit_upload(upload, digest)
-        finally:
+            await self.uploads.append(upload, _body(request), None, await self._room(upload))
+        except BaseException:
             self.uploads.remove(upload.id)
+            raise
+        await self._commit(upload, digest)
         return _blob_created(repository, digest)
+
+    async def _commit(self, upload: Upload, digest: str) -> None:
+        """The session's bytes become the blob `digest` (verified), and the session ends."""
+        taken = self.uploads.take(upload)
+        try:
+            await self.content.commit_upload(upload.repository, taken, digest)
+        finally:
+            taken.unlink(missing_ok=True)
+
+    async def _room(self, upload: Upload) -> int:
+        """What the quota leaves this session: not what other sessions already hold."""
+        held = await asyncio.to_thread(self.uploads.held_bytes, upload.id)
+        return await self.content.quota.room(held)
 
     async def _mount(
         self, request: web.Request, repository: str, digest: str, source: str | None

@@ -24,11 +24,10 @@ from typing import Any
 from mirror.errors import RegistryError
 from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
-from mirror.hosted.uploads import Upload, quota_exceeded
+from mirror.hosted.quota import HostedQuota
 from mirror.manifests import Manifest
 from mirror.mediatypes import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_BYTES, references
 from mirror.metrics import (
-    HOSTED_BYTES,
     HOSTED_DELETES,
     HOSTED_MOUNTS,
     HOSTED_PUSHES,
@@ -99,7 +98,7 @@ class HostedContent:
         content: ContentStore,
         fetcher: BlobFetcher,
         evictor: Evictor,
-        max_size: int,
+        quota: HostedQuota,
         gc_lock: FileLock,
         events: EventSink = ignore_event,
     ) -> None:
@@ -109,16 +108,7 @@ class HostedContent:
         self._content = content
         self._fetcher = fetcher
         self._evictor = evictor
-        self._max_size = max_size
-        # One commit at a time per worker: the quota is read, then the bytes pinned; two
-        # pushes side by side must not both fit in the same room.
-        self._quota = asyncio.Lock()
-
-    async def room(self) -> int:
-        """Bytes the hosted quota has left."""
-        used = await self._index.pinned_bytes(HOSTED)
-        HOSTED_BYTES.set(used)
-        return max(0, self._max_size - used)
+        self.quota = quota
 
     async def _stored_size(self, digest: str) -> int | None:
         """The size of a blob stored for good (indexed, and its content where the engine
@@ -132,27 +122,25 @@ class HostedContent:
         source.close()
         return size
 
-    async def commit_upload(self, upload: Upload, digest: str) -> int:
-        """Verify an upload's bytes against `digest` and keep them as a blob of its
-        repository; its size. A mismatch is DIGEST_INVALID and nothing is stored."""
+    async def commit_upload(self, repository: str, path: Path, digest: str) -> int:
+        """Verify the bytes of an ended upload session (`path`, the caller's alone) against
+        `digest` and keep them as a blob of `repository`; its size. A mismatch is
+        DIGEST_INVALID and nothing is stored."""
         algorithm = digest.split(":", 1)[0]
-        actual = await asyncio.to_thread(_file_digest, upload.path, algorithm)
+        size = path.stat().st_size
+        actual = await asyncio.to_thread(_file_digest, path, algorithm)
         if actual != digest:
             raise RegistryError(
                 400, "DIGEST_INVALID", "the uploaded bytes do not match the digest",
                 {"digest": digest, "actual": actual},
             )  # fmt: skip
-        size = upload.size
         async with self._gc_lock.share():
             await self._touch([digest])
-            async with self._quota:
-                stored = await self._stored_size(digest) is not None
-                if not stored and size > await self.room():
-                    raise quota_exceeded()
-                await self._index.pin(HOSTED, upload.repository, digest, {digest})
-            if not stored:
-                await self._store_file(upload.path, digest, size)
-            await self._index.add_holder(HOSTED, upload.repository, digest)
+            async with self.quota.reserved({digest: size}):
+                await self._index.pin(HOSTED, repository, digest, {digest})
+                if await self._stored_size(digest) is None:
+                    await self._store_file(path, digest, size)
+            await self._index.add_holder(HOSTED, repository, digest)
         return size
 
     async def _touch(self, digests: list[str]) -> None:
@@ -191,10 +179,10 @@ class HostedContent:
         it where it is); its size, or None when it is not stored here after all."""
         async with self._gc_lock.share():
             await self._touch([digest])
-            async with self._quota:
-                size = await self._stored_size(digest)
-                if size is None:
-                    return None
+            size = await self._stored_size(digest)
+            if size is None:
+                return None
+            async with self.quota.reserved({digest: size}):
                 await self._index.pin(HOSTED, repository, digest, {digest})
             await self._index.add_holder(HOSTED, repository, digest)
         HOSTED_MOUNTS.inc()
@@ -204,10 +192,18 @@ class HostedContent:
         return await self._index.holds(HOSTED, repository, digest)
 
     async def put_manifest(
-        self, repository: str, reference: str, data: bytes, content_type: str | None, user: str
+        self,
+        repository: str,
+        reference: str,
+        data: bytes,
+        content_type: str | None,
+        user: str,
+        immutable: bool = False,
     ) -> tuple[str, str | None]:
         """Check and keep a pushed manifest, tagging it when `reference` is a tag; its digest
-        and the digest of its `subject`, if it has one. `user`: who pushed, for the event."""
+        and the digest of its `subject`, if it has one. `user`: who pushed, for the event.
+        `immutable`: a tag naming another manifest is not moved (DENIED), decided by the
+        index in one statement, so two pushes racing for a new tag cannot both win."""
         if len(data) > MAX_MANIFEST_BYTES:
             # The spec's answer to a manifest over a registry's limit (distribution's is 400).
             raise RegistryError(
@@ -227,35 +223,39 @@ class HostedContent:
                 raise manifest_invalid(f"invalid digest {child[:100]!r}")
         async with self._gc_lock.share():
             await self._touch([child for child, _ in children])
-            pinned = await self._check_children(repository, media_type, children) | {digest}
-            async with self._quota:
+            pinned = await self._check_children(repository, media_type, children)
+            sizes = {**{child: size for child, size in children}, digest: len(data)}
+            async with self.quota.reserved({d: sizes.get(d, 0) for d in pinned | {digest}}):
+                await self._index.pin(HOSTED, repository, digest, pinned | {digest})
                 known = await self._index.get_blob(digest) is not None
-                if not known and len(data) > await self.room():
-                    raise quota_exceeded()
-                await self._index.pin(HOSTED, repository, digest, pinned)
-            if not known:
-                await self._evictor.make_room(len(data))
-                try:
-                    await self._content.put(digest, data)
-                except BaseException:
-                    self._evictor.release(len(data))
-                    raise
-            new = await self._index.add_manifest(
-                HOSTED, repository, digest, media_type, len(data), children
-            )
-            if not known:
-                (self._evictor.landed if new else self._evictor.release)(len(data))
+                if not known:
+                    await self._evictor.make_room(len(data))
+                    try:
+                        await self._content.put(digest, data)
+                    except BaseException:
+                        self._evictor.release(len(data))
+                        raise
+                new = await self._index.add_manifest(
+                    HOSTED, repository, digest, media_type, len(data), children
+                )
+                if not known:
+                    (self._evictor.landed if new else self._evictor.release)(len(data))
             # Again, now that the manifest row is there: GC drops the pins of a manifest
             # without a row, and this one may have been deleted a moment ago.
-            await self._index.pin(HOSTED, repository, digest, pinned)
+            await self._index.pin(HOSTED, repository, digest, pinned | {digest})
             # The blobs' own pins (their push in progress) are this manifest's now: once
             # it is deleted, GC frees them at once, not after the grace period.
-            # (An index's children are manifests, whose pins are their own.)
+            # (A manifest's pins are its own: an index's children, or a manifest an image
+            # names as a blob.)
             if media_type not in INDEX_TYPES:
                 for child, _ in children:
-                    await self._index.unpin(HOSTED, repository, child)
+                    if await self._index.get_manifest_type(HOSTED, repository, child) is None:
+                        await self._index.unpin(HOSTED, repository, child)
         tag = None if is_digest(reference) else reference
-        if tag is not None:
+        if tag is not None and immutable:
+            if await self._index.claim_tag(HOSTED, repository, tag, digest, time.time()) != digest:
+                raise RegistryError.denied(f"tag {tag} is immutable in {repository}")
+        elif tag is not None:
             await self._index.set_tag(HOSTED, repository, tag, digest, time.time())
         HOSTED_PUSHES.inc()
         # The image's size: the manifest and everything it names, once each.
@@ -297,9 +297,13 @@ class HostedContent:
             raise RegistryError.denied(f"tag {tag} is immutable in {repository}")
 
     async def refuse_untagging(self, repository: str, reference: str) -> None:
-        """With immutable tags: DENIED for a tag, and for a manifest that tags name."""
+        """With immutable tags: DENIED for a tag, and for a manifest that a tag names,
+        directly or through an index (its platform images: the tag would stop pulling)."""
         if is_digest(reference):
-            tagged = bool(await self._index.tags_of(HOSTED, repository, reference))
+            sharing = await self._index.tags_sharing(reference, set())
+            tagged = bool(await self._index.tags_of(HOSTED, repository, reference)) or any(
+                (registry, name) == (HOSTED, repository) for registry, name, _ in sharing
+            )
         else:
             tagged = await self._index.get_tag(HOSTED, repository, reference) is not None
         if tagged:

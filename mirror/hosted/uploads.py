@@ -96,9 +96,9 @@ class UploadSessions:
     ) -> int:
         """Append a request body; the session's new size. `start`: the first byte's offset
         the client claims (Content-Range), refused with 416 unless it is the session's size.
-        `room`: bytes the quota leaves; a body that would pass it is refused and its bytes
-        taken back. A body cut short keeps what arrived: the client asks the offset and
-        resumes from there."""
+        `room`: bytes the quota leaves this session (quota.py); a body that would take the
+        session past it is refused and its bytes taken back. A body cut short keeps what
+        arrived: the client asks the offset and resumes from there."""
         try:
             fd = os.open(upload.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         except FileNotFoundError as exc:
@@ -119,7 +119,7 @@ class UploadSessions:
                     headers={"Range": upload_range(size)},
                 )  # fmt: skip
             async for chunk in body:
-                if size + len(chunk) - before > room:
+                if size + len(chunk) > room:
                     os.ftruncate(fd, before)
                     raise quota_exceeded()
                 view = memoryview(chunk)
@@ -131,6 +131,42 @@ class UploadSessions:
             return size
         finally:
             os.close(fd)  # also releases the lock
+
+    def take(self, upload: Upload) -> Path:
+        """End the session for every other request and hand its bytes over: the file is
+        renamed, under the append lock, to a name only the caller knows (a concurrent PUT,
+        PATCH or DELETE of the session then finds none: 404). The caller removes the file."""
+        try:
+            fd = os.open(upload.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise upload_unknown(upload.id) from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise RegistryError(
+                    416, "BLOB_UPLOAD_INVALID", "another request is writing to this upload",
+                    headers={"Range": upload_range(os.fstat(fd).st_size)},
+                ) from exc  # fmt: skip
+            taken = self.root / f"{upload.id}.taken"
+            try:
+                os.rename(upload.path, taken)
+            except FileNotFoundError as exc:  # taken or cancelled an instant ago
+                raise upload_unknown(upload.id) from exc
+        finally:
+            os.close(fd)
+        (self.root / f"{upload.id}.json").unlink(missing_ok=True)
+        return taken
+
+    def held_bytes(self, except_id: str) -> int:
+        """Bytes every other session holds: the room a session may grow into is what the
+        quota leaves after them."""
+        held = 0
+        for entry in os.scandir(self.root):
+            if entry.name.endswith(".data") and entry.name != f"{except_id}.data":
+                with contextlib.suppress(FileNotFoundError):
+                    held += entry.stat().st_size
+        return held
 
     def remove(self, upload_id: str) -> None:
         for suffix in (".data", ".json"):

@@ -92,6 +92,13 @@ class Index(Protocol):
 
     async def delete_tag(self, registry: str, repository: str, tag: str) -> None: ...
 
+    async def claim_tag(
+        self, registry: str, repository: str, tag: str, digest: str, confirmed: float
+    ) -> str:
+        """Set a tag only if it names nothing yet; the digest it names afterwards (another
+        when it was taken: immutable tags, where two pushes may race for one)."""
+        ...
+
     async def list_tags(self, registry: str, repository: str) -> list[str]: ...
 
     async def touch_many(self, accessed: dict[str, float]) -> None:
@@ -151,6 +158,10 @@ class Index(Protocol):
     async def unpin(self, registry: str, repository: str, reference: str) -> int: ...
 
     async def pinned(self) -> set[str]: ...
+
+    async def pinned_by(self, registry: str, digests: list[str]) -> set[str]:
+        """Those of `digests` some pin of `registry` names."""
+        ...
 
     async def pinned_bytes(self, registry: str) -> int:
         """Bytes of the distinct blobs pinned under `registry` (the hosted quota's account)."""

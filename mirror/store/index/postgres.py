@@ -484,6 +484,26 @@ class PostgresIndex:
         )
 
     @_guarded
+    async def claim_tag(
+        self, registry: str, repository: str, tag: str, digest: str, confirmed: float
+    ) -> str:
+        row = await self._fetchrow(
+            "WITH added AS (INSERT INTO tags (registry, repository, tag, digest, confirmed) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (registry, repository, tag) DO NOTHING "
+            "RETURNING digest) SELECT digest FROM added UNION ALL SELECT digest FROM tags "
+            "WHERE registry = $1 AND repository = $2 AND tag = $3 LIMIT 1",
+            registry, repository, tag, digest, confirmed,
+        )  # fmt: skip
+        if row is None:
+            # Another transaction inserted it while this one waited on the conflict; this
+            # statement's snapshot is older than that commit. A new statement sees it.
+            row = await self._fetchrow(
+                "SELECT digest FROM tags WHERE registry = $1 AND repository = $2 AND tag = $3",
+                registry, repository, tag,
+            )  # fmt: skip
+        return str(row[0]) if row else digest
+
+    @_guarded
     async def delete_tag(self, registry: str, repository: str, tag: str) -> None:
         await self._execute(
             "DELETE FROM tags WHERE registry = $1 AND repository = $2 AND tag = $3",
@@ -665,6 +685,15 @@ class PostgresIndex:
     @_guarded
     async def pinned(self) -> set[str]:
         return {str(r[0]) for r in await self._fetch("SELECT DISTINCT digest FROM pins")}
+
+    @_guarded
+    async def pinned_by(self, registry: str, digests: list[str]) -> set[str]:
+        rows = await self._fetch(
+            "SELECT DISTINCT digest FROM pins WHERE registry = $1 AND digest = ANY($2::text[])",
+            registry,
+            digests,
+        )
+        return {str(r[0]) for r in rows}
 
     @_guarded
     async def pinned_bytes(self, registry: str) -> int:

@@ -377,6 +377,23 @@ class SqliteIndex:
         await self._db.commit()
 
     @_serialized
+    async def claim_tag(
+        self, registry: str, repository: str, tag: str, digest: str, confirmed: float
+    ) -> str:
+        key = (registry, repository, tag)
+        await self._db.execute(
+            "INSERT INTO tags (registry, repository, tag, digest, confirmed) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(registry, repository, tag) DO NOTHING",
+            (*key, digest, confirmed),
+        )
+        await self._db.commit()
+        async with self._db.execute(
+            "SELECT digest FROM tags WHERE registry=? AND repository=? AND tag=?", key
+        ) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else digest
+
+    @_serialized
     async def delete_tag(self, registry: str, repository: str, tag: str) -> None:
         await self._db.execute(
             "DELETE FROM tags WHERE registry=? AND repository=? AND tag=?",
@@ -589,6 +606,17 @@ class SqliteIndex:
     async def pinned(self) -> set[str]:
         async with self._db.execute("SELECT DISTINCT digest FROM pins") as cur:
             return {str(r[0]) async for r in cur}
+
+    @_serialized
+    async def pinned_by(self, registry: str, digests: list[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk, marks in _in_chunks(digests):
+            async with self._db.execute(
+                f"SELECT DISTINCT digest FROM pins WHERE registry = ? AND digest IN ({marks})",
+                (registry, *chunk),
+            ) as cur:
+                found |= {str(r[0]) async for r in cur}
+        return found
 
     @_serialized
     async def pinned_bytes(self, registry: str) -> int:
