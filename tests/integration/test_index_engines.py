@@ -363,6 +363,19 @@ async def test_hosted_manifests_are_listed_deleted_with_their_tags_and_counted(
     assert await index.pinned_bytes(HUB) == 100
 
 
+async def test_claim_tag_sets_only_a_new_tag_and_pinned_by_is_per_registry(
+    index: Index,
+) -> None:
+    assert await index.claim_tag("hosted", "acme/app", "1.0", d(1), 1.0) == d(1)
+    assert await index.claim_tag("hosted", "acme/app", "1.0", d(2), 2.0) == d(1)
+    assert (await index.get_tag("hosted", "acme/app", "1.0")) == TagRow(d(1), 1.0)
+    await index.pin("hosted", "acme/app", d(1), {d(1), d(2)})
+    await index.pin(HUB, "r", "v1", {d(3)})
+    assert await index.pinned_by("hosted", [d(1), d(3), d(4)]) == {d(1)}
+    assert await index.pinned_by(HUB, [d(n) for n in range(1, 1200)]) == {d(3)}
+    assert await index.pinned_by("hosted", []) == set()
+
+
 async def test_collect_garbage_frees_deleted_manifests_and_stale_uploads_only(
     index: Index,
 ) -> None:
