@@ -518,6 +518,7 @@ async def test_a_shadowed_docker_hub_repository_is_listed_by_a_name_that_reaches
             listed = (await resp.json())["repositories"]
         async with http.get(f"{m.url}/v1/search?q=tool") as resp:
             shown = [r["name"] for r in (await resp.json())["results"]]
+        assert "docker.io/acme/tool" in listed and "docker.io/acme/tool" in shown
         for name in {*listed, *shown}:
             if "tool" not in name:
                 continue
