@@ -17,8 +17,15 @@ from mirror.reference import DOCKER_HUB
 from tests.fixtures.backends import BACKENDS, Backend, backend, pg_server
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.seaweed import seaweed, seaweed_dir
+from tests.fixtures.webhooks import receiver
 
-__all__ = ["backend", "pg_server", "seaweed", "seaweed_dir"]  # fixtures, for every test module
+__all__ = [
+    "backend",
+    "pg_server",
+    "receiver",
+    "seaweed",
+    "seaweed_dir",
+]  # fixtures, for every test module
 
 StartMirror = Callable[..., Awaitable[TestServer]]
 

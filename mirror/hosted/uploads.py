@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,18 +99,7 @@ class UploadSessions:
         `room`: bytes the quota leaves this session (quota.py); a body that would take the
         session past it is refused and its bytes taken back. A body cut short keeps what
         arrived: the client asks the offset and resumes from there."""
-        try:
-            fd = os.open(upload.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise upload_unknown(upload.id) from exc
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise RegistryError(
-                    416, "BLOB_UPLOAD_INVALID", "another request is writing to this upload",
-                    headers={"Range": upload_range(os.fstat(fd).st_size)},
-                ) from exc  # fmt: skip
+        with _locked(upload, os.O_WRONLY | os.O_APPEND) as fd:
             before = size = os.fstat(fd).st_size
             if start is not None and start != size:
                 raise RegistryError(
@@ -129,32 +118,17 @@ class UploadSessions:
                     size += written
                 HOSTED_RECEIVED_BYTES.inc(len(chunk))
             return size
-        finally:
-            os.close(fd)  # also releases the lock
 
     def take(self, upload: Upload) -> Path:
         """End the session for every other request and hand its bytes over: the file is
         renamed, under the append lock, to a name only the caller knows (a concurrent PUT,
         PATCH or DELETE of the session then finds none: 404). The caller removes the file."""
-        try:
-            fd = os.open(upload.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise upload_unknown(upload.id) from exc
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise RegistryError(
-                    416, "BLOB_UPLOAD_INVALID", "another request is writing to this upload",
-                    headers={"Range": upload_range(os.fstat(fd).st_size)},
-                ) from exc  # fmt: skip
+        with _locked(upload, os.O_RDONLY):
             taken = self.root / f"{upload.id}.taken"
             try:
                 os.rename(upload.path, taken)
             except FileNotFoundError as exc:  # taken or cancelled an instant ago
                 raise upload_unknown(upload.id) from exc
-        finally:
-            os.close(fd)
         (self.root / f"{upload.id}.json").unlink(missing_ok=True)
         return taken
 
@@ -187,6 +161,27 @@ class UploadSessions:
                 elif not (self.root / f"{entry.name.lstrip('.').partition('.')[0]}.data").exists():
                     os.unlink(entry.path)  # metadata whose bytes went, or a crash's staged file
         return removed
+
+
+@contextlib.contextmanager
+def _locked(upload: Upload, mode: int) -> Iterator[int]:
+    """The session's bytes file, open in `mode` and locked for this request alone (released
+    with the descriptor); 416 when another request holds it, 404 when the session is gone."""
+    try:
+        fd = os.open(upload.path, mode | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise upload_unknown(upload.id) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise RegistryError(
+                416, "BLOB_UPLOAD_INVALID", "another request is writing to this upload",
+                headers={"Range": upload_range(os.fstat(fd).st_size)},
+            ) from exc  # fmt: skip
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def quota_exceeded() -> RegistryError:

@@ -6,78 +6,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import pytest
-from aiohttp import web
 from prometheus_client import REGISTRY
 
 from mirror.config import WebhookConfig
 from tests.conftest import StartAdmin, StartMirror
 from tests.fixtures.fakehub import FakeHub
 from tests.fixtures.images import small_image
-from tests.fixtures.procs import free_port, mirror_process
+from tests.fixtures.procs import mirror_process
+from tests.fixtures.webhooks import Receiver
 from tests.integration.test_pull_path import ALL_TYPES, mirror_url, pull
-
-
-@dataclass
-class Receiver:
-    """A webhook receiver that can be stopped and started again on the same port."""
-
-    port: int = field(default_factory=free_port)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-    bodies: list[bytes] = field(default_factory=list)
-    delay: float = 0.0  # seconds before answering
-    _runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook?token=s3cret"
-
-    async def up(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self._receive)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.2)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def down(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def _receive(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        self.bodies.append(body)
-        self.headers.append(dict(request.headers))
-        self.events.append(json.loads(body))
-        return web.Response(status=204)
-
-    def of_type(self, event_type: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["type"] == event_type]
-
-    async def wait_for(self, event_type: str, count: int = 1, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.of_type(event_type)) < count:
-            assert time.monotonic() < deadline, f"{event_type}: {self.events}"
-            await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    found = Receiver()
-    await found.up()
-    yield found
-    await found.down()
 
 
 def _metric(name: str, **labels: str) -> float:
