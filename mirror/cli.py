@@ -20,6 +20,7 @@ from mirror import __version__
 from mirror.app import run, tls_context
 from mirror.clientauth import load_htpasswd
 from mirror.config import Config, ConfigError, load_config
+from mirror.hosted.access import check_hosted_users
 from mirror.listeners import ListenError
 from mirror.logs import setup_logging
 from mirror.prefetch import human_bytes, prefetch
@@ -197,7 +198,8 @@ def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         config = config_from_args(args)
         tls = tls_context(config)
         if config.auth_htpasswd:
-            load_htpasswd(config.auth_htpasswd)  # a bad file stops the start, naming the line
+            users = load_htpasswd(config.auth_htpasswd)  # a bad file stops the start
+            check_hosted_users(config.hosted, frozenset(users))
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2

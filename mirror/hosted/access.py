@@ -11,9 +11,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from mirror.clientauth import ClientAuth
-from mirror.config import ANYONE, HostedConfig
+from mirror.config import ANYONE, ConfigError, HostedConfig
 from mirror.errors import RegistryError
 from mirror.visibility import CHALLENGE
+
+
+def check_hosted_users(namespaces: Mapping[str, HostedConfig], users: frozenset[str]) -> None:
+    """Refuse a `push` or `pull` list naming someone auth_htpasswd does not know: a typo
+    would silently lock the right person out (or in, once someone of that name is added)."""
+    for name, rules in namespaces.items():
+        for setting, listed in (("push", rules.push), ("pull", rules.pull)):
+            if isinstance(listed, frozenset) and (unknown := sorted(listed - users)):
+                raise ConfigError(
+                    f'hosted."{name}".{setting}: {", ".join(unknown)} not in auth_htpasswd'
+                )
 
 
 def namespace_of(repository: str) -> str:

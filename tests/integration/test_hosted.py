@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mirror.cli import _parser, config_from_args
+from mirror.cli import _parser, config_from_args, main
 from mirror.config import ConfigError, load_config
 from tests.fixtures.backends import Backend
 from tests.fixtures.fakehub import FakeHub
@@ -200,7 +200,7 @@ async def test_hosted_content_is_never_evicted_and_deletes_answer_404(
     cached = [big_image(f"filler-{i}", 1 << 20, seed=i) for i in range(5)]
     for i, filler in enumerate(cached):
         hub.add("library/filler", str(i), filler)
-    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
     config = hosted_config(tmp_path, htpasswd)
     data = tmp_path / "data"
     async with mirror_process(
@@ -235,7 +235,7 @@ async def test_hosted_content_is_never_evicted_and_deletes_answer_404(
 
 
 def test_hosted_namespaces_are_configured_by_flag_environment_and_tables(tmp_path: Path) -> None:
-    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
     (tmp_path / "m.toml").write_text(
         f'auth_htpasswd = "{htpasswd}"\n[hosted."acme"]\npush = ["alice"]\npull = ["alice"]\n'
     )
@@ -281,7 +281,7 @@ async def test_gc_frees_exactly_the_bytes_no_manifest_names(
     first = make_image([shared, {"app/one": b"only the first image\n" * 300}], label="one")
     second = make_image([shared, {"app/two": b"only the second image\n" * 300}], label="two")
     orphan = b"uploaded, never named by a manifest\n" * 100
-    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
     config = hosted_config(tmp_path, htpasswd)
     alice = basic("alice", "wonderland")
     async with mirror_process(
@@ -336,7 +336,7 @@ async def test_a_push_racing_gc_for_its_shared_layer_completes_intact(
     first round's copy is collected, and every push completes and pulls back whole."""
     image = make_image([{"lib/shared.so": b"the layer GC keeps trying to take\n" * 2000}])
     layer = image.layers()[0]
-    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
     config = hosted_config(tmp_path, htpasswd)
     alice = basic("alice", "wonderland")
     async with mirror_process(
@@ -372,7 +372,7 @@ async def test_pushes_and_deletes_are_announced_by_webhook(
     hub: FakeHub, tmp_path: Path, receiver: Receiver
 ) -> None:
     image = small_image("announced")
-    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
     config = hosted_config(tmp_path, htpasswd)
     alice = basic("alice", "wonderland")
     async with mirror_process(
@@ -403,7 +403,7 @@ async def test_a_chunked_upload_cut_mid_chunk_resumes_where_the_mirror_says(
     """A PATCH whose connection drops keeps what arrived; the client asks (GET) where the
     upload stands and sends the rest from there."""
     data = random_bytes(3 << 20, seed=7)
-    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
     config = hosted_config(tmp_path, htpasswd)
     alice = basic("alice", "wonderland")
     async with mirror_process(tmp_path / "data", hub.registry_url, "--config", str(config)) as m:
@@ -458,7 +458,7 @@ async def test_a_chunked_upload_cut_mid_chunk_resumes_where_the_mirror_says(
 async def test_a_wrong_digest_stores_nothing_and_the_quota_refuses_what_does_not_fit(
     hub: FakeHub, tmp_path: Path
 ) -> None:
-    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
     config = hosted_config(tmp_path, htpasswd)
     alice = basic("alice", "wonderland")
     data, other = random_bytes(300_000, seed=1), random_bytes(300_000, seed=2)
@@ -496,7 +496,7 @@ async def test_a_wrong_digest_stores_nothing_and_the_quota_refuses_what_does_not
 
 async def test_immutable_tags_never_move(hub: FakeHub, tmp_path: Path) -> None:
     first, second = small_image("first"), small_image("second")
-    htpasswd = write_htpasswd(tmp_path, alice="wonderland")
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
     config = tmp_path / "mirror.toml"
     config.write_text(f'auth_htpasswd = "{htpasswd}"\n[hosted."acme"]\nimmutable_tags = true\n')
     alice = basic("alice", "wonderland")
@@ -644,3 +644,13 @@ async def test_every_push_request_checks_who_is_asking(
             async with http.get(pull, headers={**headers, "Accept": ALL_TYPES}) as resp:
                 # anyone may pull: a wrong password is an anonymous client (anonymous_pull)
                 assert resp.status == 200
+
+
+def test_a_push_or_pull_list_naming_an_unknown_user_stops_the_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    htpasswd = write_htpasswd(tmp_path, alice="wonderland", bob="builder")
+    config = tmp_path / "mirror.toml"
+    config.write_text(f'auth_htpasswd = "{htpasswd}"\n[hosted."acme"]\npush = ["alcie"]\n')
+    assert main(["serve", "--config", str(config), "--data", str(tmp_path / "d")]) == 2
+    assert 'hosted."acme".push: alcie not in auth_htpasswd' in capsys.readouterr().err
