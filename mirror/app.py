@@ -273,11 +273,12 @@ async def create_app(config: Config, worker: int | None = None) -> web.Applicati
         uploads = UploadSessions(config.data_dir / "uploads")
         gc_lock = FileLock(config.data_dir / "hosted-gc.lock")
         quota = HostedQuota(index, config.hosted_max_size, config.data_dir / RESERVATIONS)
+        tag_lock = FileLock(config.data_dir / "hosted-tags.lock")
         app[HOSTED_REGISTRY] = HostedRegistry(
             config,
             HostedAccess(config.hosted, app[CLIENT_AUTH]),
             uploads,
-            HostedContent(index, content, fetcher, evictor, quota, gc_lock, events),
+            HostedContent(index, content, fetcher, evictor, quota, gc_lock, tag_lock, events),
             visibility,
             membership,
             gc_lock,

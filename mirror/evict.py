@@ -101,6 +101,9 @@ class Evictor:
         self._max_age = max_age
         self._shared = shared
         self._lock = FileLock(self._store.root / "evict.lock")
+        # Eviction parts (shared, side by side) against a pin made of a blob found stored
+        # (exclusive; hosted pushes and mounts): see `pinning`.
+        self._pins = FileLock(self._store.root / "pins.lock")
         self._primary = primary  # the one process that sets usage at start and runs max_age
         self._task: asyncio.Task[None] | None = None
         self._pass: asyncio.Task[Evicted] | None = None
@@ -237,6 +240,12 @@ class Evictor:
             async with self._claims.exclusive("evict"):
                 yield
 
+    def pinning(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held while a pin is made and its blob is looked at: no eviction part on this
+        machine is then between its look at the pins and its deletes, so a blob found stored
+        under a new pin stays. A lock of this machine: another replica's pass is not held off."""
+        return self._pins.hold()
+
     def forgotten(self) -> None:
         """Index rows were removed without content (a purged tag): every worker drops its
         memory caches, as after a deletion, so none keeps serving the tag from memory."""
@@ -305,9 +314,10 @@ class Evictor:
 
         async def unlink_part(part: list[tuple[str, int]]) -> None:
             nonlocal removed
-            async with slots:
+            async with slots, self._pins.share():
                 # The batch may take seconds: a pin committed since its candidates were chosen
-                # protects its blobs, looked at again just before each part goes.
+                # protects its blobs, looked at again just before each part goes, and no pin
+                # of a blob found stored is made between that look and the deletes.
                 pinned = await self._index.pinned_among([digest for digest, _ in part])
                 part = [blob for blob in part if blob[0] not in pinned]
                 await self._content.remove([digest for digest, _ in part])

@@ -25,6 +25,9 @@ MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # distribution's limit; containerd's own cap is 4,393,216
 DEFAULT_PLATFORM = ("linux", "amd64")
+# A descriptor's size is an int64 in the spec (and a BIGINT or INTEGER in the index engines):
+# a larger or negative one is no size at all.
+MAX_DESCRIPTOR_SIZE = 2**63 - 1
 # RFC 6838 restricted names: what may be stored and later written into a response head as
 # Content-Type. Anything else (a CR/LF in a manifest's `mediaType`) would inject headers.
 # Matched whole (fullmatch: `$` alone would let a final newline through).
@@ -98,7 +101,7 @@ def content_type_of(data: bytes, header: str | None) -> str:
             return media_type
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if isinstance(doc, dict) and is_media_type(doc.get("mediaType")):
         return str(doc["mediaType"])
@@ -111,7 +114,7 @@ def platform_child(index_bytes: bytes, platform: tuple[str, str] = DEFAULT_PLATF
     """The digest of an index entry for `platform` (os, architecture), or None."""
     try:
         doc = json.loads(index_bytes)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     entries = doc.get("manifests") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
@@ -138,7 +141,7 @@ def references(data: bytes) -> list[tuple[str, int]]:
     layer and unlock it from the cache (see membership.py)."""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     if not isinstance(doc, dict):
         return []
@@ -154,5 +157,12 @@ def references(data: bytes) -> list[tuple[str, int]]:
             if entry.get("urls"):
                 continue
             size = entry.get("size")
-            found.append((entry["digest"], size if isinstance(size, int) else 0))
+            found.append(
+                (entry["digest"], size if isinstance(size, int) and is_descriptor_size(size) else 0)
+            )
     return found
+
+
+def is_descriptor_size(value: object) -> bool:
+    """A size a descriptor may carry: an int (JSON's true is one in Python) within int64."""
+    return type(value) is int and 0 <= value <= MAX_DESCRIPTOR_SIZE

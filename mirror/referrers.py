@@ -66,7 +66,7 @@ def descriptors_of(data: bytes) -> list[Descriptor] | None:
     """The `manifests` of an image index, or None if `data` is not one."""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     entries = doc.get("manifests") if isinstance(doc, dict) else None
     if not isinstance(entries, list):

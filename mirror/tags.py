@@ -67,7 +67,12 @@ def parse_n(value: str | None) -> int | None:
         return None
     if not (value.isascii() and value.isdigit()):
         raise RegistryError(400, "PAGINATION_NUMBER_INVALID", "n must be a non-negative integer")
-    return int(value)
+    # More than any list holds means all of it; past 18 digits int() would pass an index
+    # engine's int64, and past 4,300 Python refuses it.
+    return int(value) if len(value) <= 18 else MAX_N
+
+
+MAX_N = 10**18
 
 
 def merge_tags(bodies: Iterable[bytes]) -> tuple[str, ...]:
@@ -75,7 +80,10 @@ def merge_tags(bodies: Iterable[bytes]) -> tuple[str, ...]:
     `"tags": null` is an empty page). ValueError for anything else."""
     tags: set[str] = set()
     for body in bodies:
-        doc = json.loads(body)
+        try:
+            doc = json.loads(body)
+        except RecursionError as exc:  # nested past the parser's depth: no tag list either
+            raise ValueError("not a tag list") from exc
         page = doc.get("tags") if isinstance(doc, dict) else ()
         if page is None:
             continue

@@ -8,7 +8,6 @@ id is bound to its repository and user, never a pass by itself.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator
@@ -88,9 +87,8 @@ class HostedRegistry:
             return await self._put_manifest(request, route, user)
         if request.method == "DELETE" and route.endpoint is Endpoint.MANIFEST:
             user = await self.access.push(route.repository, authorization)
-            if self.access.rules(route.repository).immutable_tags:
-                await self.content.refuse_untagging(route.repository, route.reference)
-            await self.content.delete_manifest(route.repository, route.reference, user)
+            immutable = self.access.rules(route.repository).immutable_tags
+            await self.content.delete_manifest(route.repository, route.reference, user, immutable)
             return web.Response(status=202)
         raise RegistryError.unsupported(f"{request.method} is not supported here")
 
@@ -148,13 +146,11 @@ class HostedRegistry:
             return _upload_answer(204, upload, upload.size)
         if request.method == "PATCH":
             start = _content_range_start(request.headers.get("Content-Range"))
-            size = await self.uploads.append(
-                upload, _body(request), start, await self._room(upload)
-            )
+            size = await self.uploads.append(upload, _body(request), start, await self._room())
             return _upload_answer(202, upload, size)
         if request.method == "PUT":
             digest = validate_digest(request.query.get("digest", ""))
-            await self.uploads.append(upload, _body(request), None, await self._room(upload))
+            await self.uploads.append(upload, _body(request), None, await self._room())
             await self._commit(upload, digest)
             return _blob_created(repository, digest)
         if request.method == "DELETE":
@@ -174,7 +170,7 @@ class HostedRegistry:
             return _upload_answer(202, upload, 0)
         try:
             validate_digest(digest)
-            await self.uploads.append(upload, _body(request), None, await self._room(upload))
+            await self.uploads.append(upload, _body(request), None, await self._room())
         except BaseException:
             self.uploads.remove(upload.id)
             raise
@@ -189,10 +185,10 @@ class HostedRegistry:
         finally:
             taken.unlink(missing_ok=True)
 
-    async def _room(self, upload: Upload) -> int:
-        """What the quota leaves this session: not what other sessions already hold."""
-        held = await asyncio.to_thread(self.uploads.held_bytes, upload.id)
-        return await self.content.quota.room(held)
+    async def _room(self) -> int:
+        """What the quota leaves upload sessions (uploads.py takes the other sessions' bytes
+        off it as they grow)."""
+        return await self.content.quota.room()
 
     async def _mount(
         self, request: web.Request, repository: str, digest: str, source: str | None

@@ -44,11 +44,11 @@ class HostedQuota:
             return 0
         return int(text) if text.isdigit() else 0
 
-    async def room(self, held_elsewhere: int = 0) -> int:
-        """Bytes left for new content, less `held_elsewhere` (other sessions' bytes)."""
+    async def room(self) -> int:
+        """Bytes left for new content."""
         used = await self._index.pinned_bytes(HOSTED)
         HOSTED_BYTES.set(used)
-        return max(0, self.max_size - used - self._reserved() - held_elsewhere)
+        return max(0, self.max_size - used - self._reserved())
 
     @contextlib.asynccontextmanager
     async def reserved(self, digests: dict[str, int]) -> AsyncIterator[None]:

@@ -26,7 +26,14 @@ from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
 from mirror.hosted.quota import HostedQuota
 from mirror.manifests import Manifest
-from mirror.mediatypes import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_BYTES, references
+from mirror.mediatypes import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_MANIFEST_BYTES,
+    is_descriptor_size,
+    is_media_type,
+    references,
+)
 from mirror.metrics import (
     HOSTED_DELETES,
     HOSTED_MOUNTS,
@@ -64,7 +71,7 @@ def parse_pushed_manifest(data: bytes, content_type: str | None) -> tuple[str, d
     one) is the Content-Type it was pushed with."""
     try:
         doc = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise manifest_invalid("the manifest is not JSON") from exc
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
         raise manifest_invalid("schemaVersion 2 manifests only")
@@ -79,15 +86,38 @@ def parse_pushed_manifest(data: bytes, content_type: str | None) -> tuple[str, d
     if media_type in INDEX_TYPES:
         if not isinstance(doc.get("manifests"), list):
             raise manifest_invalid("an index needs a manifests list")
+        descriptors = list(doc["manifests"])
     elif not isinstance(doc.get("config"), dict) or not isinstance(doc.get("layers"), list):
         raise manifest_invalid("an image manifest needs a config and a layers list")
+    else:
+        descriptors = [doc["config"], *doc["layers"]]
+    if "subject" in doc:
+        descriptors.append(doc["subject"])
+    for descriptor in descriptors:
+        _check_descriptor(descriptor)
     return media_type, doc
 
 
+def _check_descriptor(descriptor: object) -> None:
+    """A descriptor the index and the answers can hold: a valid digest (it goes into the
+    OCI-Subject header, and into rows), a size within int64, a media type if any."""
+    if not isinstance(descriptor, dict):
+        raise manifest_invalid("a descriptor must be an object")
+    digest, size = descriptor.get("digest"), descriptor.get("size")
+    if not isinstance(digest, str) or not is_digest(digest):
+        raise manifest_invalid(f"invalid digest {str(digest)[:100]!r}")
+    if not is_descriptor_size(size):
+        raise manifest_invalid(f"invalid size {str(size)[:30]!r} of {digest}")
+    if "mediaType" in descriptor and not is_media_type(descriptor["mediaType"]):
+        raise manifest_invalid(f"invalid mediaType of {digest}")
+
+
 def subject_of(doc: dict[str, Any]) -> str | None:
+    """The digest of a pushed manifest's `subject` (checked by parse_pushed_manifest)."""
     subject = doc.get("subject")
     if isinstance(subject, dict) and isinstance(subject.get("digest"), str):
-        return str(subject["digest"])
+        digest = str(subject["digest"])
+        return digest if is_digest(digest) else None
     return None
 
 
@@ -100,10 +130,13 @@ class HostedContent:
         evictor: Evictor,
         quota: HostedQuota,
         gc_lock: FileLock,
+        tag_lock: FileLock,
         events: EventSink = ignore_event,
     ) -> None:
         self._events = events
         self._gc_lock = gc_lock
+        # Immutable tags: a tag's claim against a delete of what it names (see `_tagging`).
+        self._tag_lock = tag_lock
         self._index = index
         self._content = content
         self._fetcher = fetcher
@@ -137,11 +170,19 @@ class HostedContent:
         async with self._gc_lock.share():
             await self._touch([digest])
             async with self.quota.reserved({digest: size}):
-                await self._index.pin(HOSTED, repository, digest, {digest})
-                if await self._stored_size(digest) is None:
+                if not await self._pin_stored(repository, digest, {digest}):
                     await self._store_file(path, digest, size)
             await self._index.add_holder(HOSTED, repository, digest)
         return size
+
+    async def _pin_stored(self, repository: str, root: str, digests: set[str]) -> bool:
+        """Pin `digests` under `root` for the repository; whether `root` is stored for good.
+        Both under the evictor's pinning lock: an eviction part looks at the pins and deletes
+        what is unpinned in one step against it, so a blob seen stored here (a cached layer,
+        a cached manifest of these bytes) is not deleted a moment later under the new pin."""
+        async with self._evictor.pinning():
+            await self._index.pin(HOSTED, repository, root, digests)
+            return await self._stored_size(root) is not None
 
     async def _touch(self, digests: list[str]) -> None:
         """Used now, in the index at once (not batched like a pull's): hosted GC spares what
@@ -183,7 +224,10 @@ class HostedContent:
             if size is None:
                 return None
             async with self.quota.reserved({digest: size}):
-                await self._index.pin(HOSTED, repository, digest, {digest})
+                if not await self._pin_stored(repository, digest, {digest}):
+                    # Evicted since: the client uploads it instead (a new session).
+                    await self._index.unpin(HOSTED, repository, digest)
+                    return None
             await self._index.add_holder(HOSTED, repository, digest)
         HOSTED_MOUNTS.inc()
         return size
@@ -218,26 +262,24 @@ class HostedContent:
             )  # fmt: skip
         media_type, doc = parse_pushed_manifest(data, content_type)
         children = references(data)
-        for child, _ in children:
-            if not is_digest(child):
-                raise manifest_invalid(f"invalid digest {child[:100]!r}")
         async with self._gc_lock.share():
             await self._touch([child for child, _ in children])
             pinned = await self._check_children(repository, media_type, children)
             sizes = {**{child: size for child, size in children}, digest: len(data)}
             async with self.quota.reserved({d: sizes.get(d, 0) for d in pinned | {digest}}):
-                await self._index.pin(HOSTED, repository, digest, pinned | {digest})
-                known = await self._index.get_blob(digest) is not None
+                known = await self._pin_stored(repository, digest, pinned | {digest})
                 if not known:
                     await self._evictor.make_room(len(data))
-                    try:
+                try:
+                    if not known:
                         await self._content.put(digest, data)
-                    except BaseException:
+                    new = await self._index.add_manifest(
+                        HOSTED, repository, digest, media_type, len(data), children
+                    )
+                except BaseException:
+                    if not known:
                         self._evictor.release(len(data))
-                        raise
-                new = await self._index.add_manifest(
-                    HOSTED, repository, digest, media_type, len(data), children
-                )
+                    raise
                 if not known:
                     (self._evictor.landed if new else self._evictor.release)(len(data))
             # Again, now that the manifest row is there: GC drops the pins of a manifest
@@ -253,7 +295,11 @@ class HostedContent:
                         await self._index.unpin(HOSTED, repository, child)
         tag = None if is_digest(reference) else reference
         if tag is not None and immutable:
-            if await self._index.claim_tag(HOSTED, repository, tag, digest, time.time()) != digest:
+            async with self._tag_lock.hold():
+                if await self._index.get_manifest_type(HOSTED, repository, digest) is None:
+                    raise RegistryError.denied(f"{digest} was deleted while it was pushed")
+                claimed = await self._index.claim_tag(HOSTED, repository, tag, digest, time.time())
+            if claimed != digest:
                 raise RegistryError.denied(f"tag {tag} is immutable in {repository}")
         elif tag is not None:
             await self._index.set_tag(HOSTED, repository, tag, digest, time.time())
@@ -279,13 +325,14 @@ class HostedContent:
             if media_type in INDEX_TYPES:
                 if await self._index.get_manifest_type(HOSTED, repository, child) is None:
                     raise blob_unknown_to_manifest(child)
+                stored = await self._index.get_blob(child)
                 pinned |= set(await self._index.closure(child))
             else:
                 stored = await self._stored_size(child)
                 if stored is None or not await self.holds(repository, child):
                     raise blob_unknown_to_manifest(child)
-                if stored != size:
-                    raise manifest_invalid(f"{child} is {stored} bytes, not {size}")
+            if stored != size:
+                raise manifest_invalid(f"{child} is {stored} bytes, not {size}")
             pinned.add(child)
         return pinned
 
@@ -296,7 +343,7 @@ class HostedContent:
         if row is not None and row.digest != f"sha256:{hashlib.sha256(data).hexdigest()}":
             raise RegistryError.denied(f"tag {tag} is immutable in {repository}")
 
-    async def refuse_untagging(self, repository: str, reference: str) -> None:
+    async def _refuse_untagging(self, repository: str, reference: str) -> None:
         """With immutable tags: DENIED for a tag, and for a manifest that a tag names,
         directly or through an index (its platform images: the tag would stop pulling)."""
         if is_digest(reference):
@@ -322,9 +369,20 @@ class HostedContent:
             raise RegistryError.manifest_unknown(reference)
         return Manifest(digest, media_type, data)
 
-    async def delete_manifest(self, repository: str, reference: str, user: str) -> None:
+    async def delete_manifest(
+        self, repository: str, reference: str, user: str, immutable: bool = False
+    ) -> None:
         """By digest: the manifest and its tags leave the repository (its bytes stay until
-        garbage collection). By tag: only the tag. `user`: who deleted, for the event."""
+        garbage collection). By tag: only the tag. `user`: who deleted, for the event.
+        `immutable`: DENIED for what a tag names, looked at and deleted under the lock a
+        tag is claimed under, so a push tagging it meanwhile cannot be undone."""
+        if not immutable:
+            return await self._delete_manifest(repository, reference, user)
+        async with self._tag_lock.hold():
+            await self._refuse_untagging(repository, reference)
+            return await self._delete_manifest(repository, reference, user)
+
+    async def _delete_manifest(self, repository: str, reference: str, user: str) -> None:
         if is_digest(reference):
             digest = reference
             media_type = await self._index.get_manifest_type(HOSTED, repository, digest)
@@ -369,7 +427,7 @@ class HostedContent:
             try:
                 manifest = await self.manifest(repository, manifest_digest)
                 doc = json.loads(manifest.data)
-            except (RegistryError, ValueError):
+            except (RegistryError, ValueError, RecursionError):
                 continue
             if not isinstance(doc, dict) or subject_of(doc) != digest:
                 continue

@@ -96,9 +96,11 @@ class UploadSessions:
     ) -> int:
         """Append a request body; the session's new size. `start`: the first byte's offset
         the client claims (Content-Range), refused with 416 unless it is the session's size.
-        `room`: bytes the quota leaves this session (quota.py); a body that would take the
-        session past it is refused and its bytes taken back. A body cut short keeps what
-        arrived: the client asks the offset and resumes from there."""
+        `room`: bytes the quota leaves all sessions (quota.py); a body that would take this
+        session past what the other sessions leave of it is refused and its bytes taken
+        back. The others are looked at before each chunk, as they grow too: sessions
+        growing at once pass the room by one chunk each at most. A body cut short keeps
+        what arrived: the client asks the offset and resumes from there."""
         with _locked(upload, os.O_WRONLY | os.O_APPEND) as fd:
             before = size = os.fstat(fd).st_size
             if start is not None and start != size:
@@ -108,7 +110,7 @@ class UploadSessions:
                     headers={"Range": upload_range(size)},
                 )  # fmt: skip
             async for chunk in body:
-                if size + len(chunk) > room:
+                if size + len(chunk) + self.held_bytes(upload.id) > room:
                     os.ftruncate(fd, before)
                     raise quota_exceeded()
                 view = memoryview(chunk)
@@ -129,6 +131,9 @@ class UploadSessions:
                 os.rename(upload.path, taken)
             except FileNotFoundError as exc:  # taken or cancelled an instant ago
                 raise upload_unknown(upload.id) from exc
+            # The sweep removes a taken file as a crash's leftover once it is idle past the
+            # TTL: the rename kept the session's time, and its commit is just starting.
+            os.utime(taken)
         (self.root / f"{upload.id}.json").unlink(missing_ok=True)
         return taken
 

@@ -120,7 +120,7 @@ async def upstream_error(resp: aiohttp.ClientResponse, what: str, reference: str
         try:
             body = json.loads(await resp.content.read(64 * 1024))
             code = body["errors"][0]["code"]
-        except (ValueError, KeyError, IndexError, TypeError, *TRANSIENT_ERRORS):
+        except (ValueError, RecursionError, KeyError, IndexError, TypeError, *TRANSIENT_ERRORS):
             code = None
     return status_error(resp.status, resp.headers, what, reference, code)
 

@@ -70,7 +70,7 @@ def _document(data: bytes | None) -> dict[str, object]:
         return {}
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return doc if isinstance(doc, dict) else {}
 

@@ -21,6 +21,7 @@ from mirror.web import render
 from mirror.web.chart import traffic_chart
 
 MAX_QUERY = 200
+MAX_PAGE = 10**9  # pages of the web listing; more is past any cache
 HEADERS = {
     # Nothing but the page itself: inline CSS, forms back to this origin, no framing.
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
@@ -98,7 +99,8 @@ class WebPages:
     async def _front(self, request: web.Request) -> tuple[str, str]:
         query = request.query.get("q", "").strip()[:MAX_QUERY]
         try:
-            number = max(1, int(request.query.get("page", "1")))
+            # A page past any listing is an empty page; the index binds offsets as int64.
+            number = min(max(1, int(request.query.get("page", "1"))), MAX_PAGE)
         except ValueError:
             raise RegistryError(400, "UNSUPPORTED", "page must be a number") from None
         offset = (number - 1) * render.PAGE_SIZE

@@ -11,9 +11,10 @@ from mirror.mediatypes import (
     negotiate,
     parse_accept,
     platform_child,
+    references,
     upstream_accept,
 )
-from mirror.tags import paginate
+from mirror.tags import MAX_N, paginate, parse_n
 
 
 def test_accept_reads_every_header_and_drops_parameters() -> None:
@@ -89,3 +90,18 @@ def test_paginate() -> None:
     assert paginate(["c", "a", "b"], 2, None) == (["a", "b"], True)
     assert paginate(["c", "a", "b"], 2, "a") == (["b", "c"], False)
     assert paginate(["a"], None, None) == (["a"], False)
+
+
+def test_references_count_only_sizes_an_index_can_hold() -> None:
+    """A size past int64, negative, or JSON's true (an int to Python) is no size: counted
+    as 0, never bound into the index (SQLite's OverflowError, PostgreSQL's data error)."""
+    digest = "sha256:" + "a" * 64
+    sizes = [2**64, 2**63, -1, True, 2**63 - 1, 7]
+    doc = {"manifests": [{"digest": digest, "size": size} for size in sizes]}
+    assert [size for _, size in references(json.dumps(doc).encode())] == [0, 0, 0, 0, 2**63 - 1, 7]
+    assert references(b"[" * 100_000 + b"]" * 100_000) == []
+
+
+def test_a_page_size_past_any_list_means_all_of_it() -> None:
+    assert parse_n("25") == 25
+    assert parse_n("9" * 5000) == parse_n("9" * 19) == MAX_N

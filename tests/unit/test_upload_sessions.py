@@ -4,6 +4,7 @@ order, expired when idle, and swept with what a crash left."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -72,3 +73,35 @@ async def test_idle_sessions_expire_and_are_swept(tmp_path: Path) -> None:
         [f"{busy.id}.data", f"{busy.id}.json"]
     )
     assert sessions.find(busy.id, "acme/app", "alice") == busy
+
+
+async def test_other_sessions_bytes_count_as_they_grow(tmp_path: Path) -> None:
+    """The room is the quota's for every session: the others' bytes are looked at before
+    each chunk, not once per request (sessions growing at once each saw the others empty)."""
+    sessions = UploadSessions(tmp_path)
+    growing, other = sessions.start("acme/app", "alice"), sessions.start("acme/app", "bob")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"123"
+        await sessions.append(other, body(b"abcde"), None, 10)  # grows meanwhile
+        yield b"4567"
+
+    with pytest.raises(RegistryError) as refused:
+        await sessions.append(growing, chunks(), None, 10)
+    assert refused.value.code == "DENIED"
+    assert growing.path.read_bytes() == b"" and other.path.read_bytes() == b"abcde"
+
+
+async def test_the_sweep_leaves_a_session_being_committed(tmp_path: Path) -> None:
+    """A PUT ending a session idle for just under the TTL takes its file; the sweep removes
+    taken files as a crash's leftovers once idle past the TTL, and the rename kept the
+    session's time: the bytes went while they were being verified and stored (a 500)."""
+    now = [time.time()]  # the file system's clock: `take` sets the taken file's time
+    sessions = UploadSessions(tmp_path, ttl=3600, clock=lambda: now[0])
+    upload = sessions.start("acme/app", "alice")
+    await sessions.append(upload, body(b"layer bytes"), None, 1 << 20)
+    os.utime(upload.path, (now[0] - 3599, now[0] - 3599))
+    taken = sessions.take(sessions.find(upload.id, "acme/app", "alice"))
+    now[0] += 2  # the sweep's next run, while the commit reads `taken`
+    sessions.sweep()
+    assert taken.read_bytes() == b"layer bytes"

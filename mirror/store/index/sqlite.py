@@ -219,7 +219,17 @@ def _serialized(
     @functools.wraps(method)
     async def serialized(self: SqliteIndex, /, *args: P.args, **kwargs: P.kwargs) -> R:
         async with self._lock:
-            return await method(self, *args, **kwargs)
+            try:
+                return await method(self, *args, **kwargs)
+            except BaseException:
+                # An operation that failed half-way (a value SQLite cannot bind, a
+                # cancellation) leaves nothing behind: its open transaction would keep the
+                # database's write lock from every other worker, and the next operation's
+                # COMMIT would land its half.
+                with contextlib.suppress(Exception):
+                    if self._db.in_transaction:
+                        await self._db.rollback()
+                raise
 
     return serialized
 
