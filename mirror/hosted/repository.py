@@ -135,7 +135,7 @@ class HostedContent:
     ) -> None:
         self._events = events
         self._gc_lock = gc_lock
-        # Immutable tags: a tag's claim against a delete of what it names (see `_tagging`).
+        # Immutable tags: a tag's claim (put_manifest) against a delete of what it names.
         self._tag_lock = tag_lock
         self._index = index
         self._content = content
