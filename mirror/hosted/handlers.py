@@ -73,8 +73,11 @@ class HostedRegistry:
             name, marker, tag = path.rpartition("/manifests/")
             if exc.code != "MANIFEST_UNKNOWN" or request.method != "PUT" or not marker:
                 raise
-            if self.route(f"{name}/tags/list", ns).registry != HOSTED:
+            named = self.route(f"{name}/tags/list", ns)
+            if named.registry != HOSTED:
                 return None
+            # Who asks first, as for any push: an anonymous client learns nothing more.
+            await self.access.push(named.repository, request.headers.get("Authorization"))
             raise RegistryError.tag_invalid(tag) from None
         if route.registry != HOSTED:
             return None

@@ -707,6 +707,35 @@ async def test_delete_by_tag_removes_the_tag_only(alice: RegistryClient) -> None
     assert json.loads(tags.body) == {"name": "acme/app", "tags": ["stable"]}, tags
 
 
+async def test_a_malformed_tag_and_a_blob_delete_are_refused(
+    http: aiohttp.ClientSession, tmp_path: Path, hub: FakeHub
+) -> None:
+    """A push to a tag the spec's grammar refuses is `400 TAG_INVALID` for a user with push
+    right (401 or 403 first for anyone else, even where anyone may pull) and stores nothing;
+    `DELETE` of a blob is `405 UNSUPPORTED` (the spec lets a registry refuse it: GC removes
+    what no manifest names)."""
+    async with hosted_mirror(tmp_path, hub, anonymous_pull=True) as mirror:
+        alice, bob = as_user(http, mirror, "alice"), as_user(http, mirror, "bob")
+        image = build_image("badly tagged")
+        for blob in image.blobs:
+            await alice.push_blob("acme/app", blob)
+        anonymous = await as_user(http, mirror, None).put_manifest(
+            "acme/app", "-v1", image.manifest
+        )
+        assert anonymous.status == 401, anonymous
+        refused = await bob.put_manifest("acme/app", "-v1", image.manifest)
+        assert (refused.status, refused.error_code) == (403, "DENIED"), refused
+        reply = await alice.put_manifest("acme/app", "-v1", image.manifest)
+        assert (reply.status, reply.error_code) == (400, "TAG_INVALID"), reply
+        get = await alice.get_manifest("acme/app", image.digest)
+        assert get.status == 404, get
+        layer = sha256(image.layer)
+        delete = await alice.call("DELETE", f"/v2/acme/app/blobs/{layer}")
+        assert (delete.status, delete.error_code) == (405, "UNSUPPORTED"), delete
+        still = await alice.blob("acme/app", layer)
+        assert still.status == 200 and still.body == image.layer, still
+
+
 # -- who may push and pull ---------------------------------------------------------------------
 @pytest.mark.parametrize("anonymous_pull", [False, True], ids=["users-only", "anonymous-pull"])
 async def test_every_push_request_needs_a_user_with_push_right(
