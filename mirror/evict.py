@@ -68,6 +68,22 @@ class Evicted:
     bytes: int
 
 
+class Reservation:
+    """Room `Evictor.reserving` took for bytes being stored, settled once by the index's
+    answer (`settle`) or given back when the block is left without one."""
+
+    def __init__(self, evictor: Evictor, size: int) -> None:
+        self._evictor = evictor
+        self._size = size
+
+    def settle(self, new: bool) -> None:
+        """The index answered: a new row counts the bytes from now on (the reservation
+        landed); a row that was there counted them already (the room goes back)."""
+        size, self._size = self._size, 0
+        if size:
+            (self._evictor.landed if new else self._evictor.release)(size)
+
+
 class Evictor:
     def __init__(
         self,
@@ -145,6 +161,19 @@ class Evictor:
     def landed(self, size: int) -> None:
         """A reservation's bytes are indexed now: the index's usage counts them from here."""
         self._pending = max(0, self._pending - size)
+
+    @contextlib.asynccontextmanager
+    async def reserving(self, size: int) -> AsyncIterator[Reservation]:
+        """Room for `size` incoming bytes (make_room) while they are stored and indexed,
+        settled by the index's answer; left unsettled (an exception, an early return), the
+        room goes back, so the account never keeps bytes that did not land. 0: none."""
+        if size:
+            await self.make_room(size)
+        reservation = Reservation(self, size)
+        try:
+            yield reservation
+        finally:
+            reservation.settle(False)
 
     def correct_usage(self, delta: int) -> None:
         """Recovery found indexed bytes the account did not hold (files indexed: positive) or

@@ -591,42 +591,43 @@ class BlobFetcher:
                 return
             fetch.verified_whole()
             claim.note(temp=writer.temp_path.name, size=fetch.size, verified=True)
-            await self._evictor.make_room(writer.received)
-            try:
-                final_path = await writer.commit()
-            except Exception as exc:
-                # Verified and being served: only storing it failed (the bucket or the disk).
-                # The readers finish from their open descriptors; nothing was stored, nothing
-                # is indexed, and the next request for it downloads it again.
-                self._evictor.release(writer.received)
-                self._backend_failed(exc)
-                if not self._store.note_if_full(exc):
-                    log.warning("blob %s: served, but storing it failed: %s", fetch.digest, exc)
-                claim.note(error={"status": 503, "code": "UNAVAILABLE", "message": "not stored"})
-                writer.discard()
-                return
-            except BaseException:
-                self._evictor.release(writer.received)
-                raise
-            # Index before the fetch leaves the table: a request arriving in between still
-            # finds the fetch, one arriving after finds the row; never neither.
-            fetch.succeeded(final_path)
-            try:
-                await writer.sync_directory()
-                if await self._index.add_blob(fetch.digest, fetch.received, media_type):
-                    self._evictor.landed(fetch.received)
-                else:
-                    self._evictor.release(fetch.received)  # its bytes were counted already
-                await self._index.add_holder(client.registry.name, repository, fetch.digest)
-            except Exception as exc:
-                # The verified file is in place and being served; a missing row is what
-                # recovery repairs (local files) or the bucket sweep removes (an object).
-                # Readers must not be failed for it.
-                self._backend_failed(exc)
-                if isinstance(exc, BackendUnavailable):
-                    log.warning("blob %s: stored, but indexing it failed: %s", fetch.digest, exc)
-                else:
-                    log.exception("blob %s: stored, but indexing it failed", fetch.digest)
+            # The room goes back unless the row lands: a file left without one is counted
+            # again when recovery indexes it, an object without one is swept.
+            async with self._evictor.reserving(writer.received) as room:
+                try:
+                    final_path = await writer.commit()
+                except Exception as exc:
+                    # Verified and being served: only storing it failed (the bucket or the
+                    # disk). The readers finish from their open descriptors; nothing was
+                    # stored, nothing is indexed, and the next request downloads it again.
+                    self._backend_failed(exc)
+                    if not self._store.note_if_full(exc):
+                        log.warning("blob %s: served, but storing it failed: %s", fetch.digest, exc)
+                    claim.note(
+                        error={"status": 503, "code": "UNAVAILABLE", "message": "not stored"}
+                    )
+                    writer.discard()
+                    return
+                # Index before the fetch leaves the table: a request arriving in between
+                # still finds the fetch, one arriving after finds the row; never neither.
+                fetch.succeeded(final_path)
+                try:
+                    await writer.sync_directory()
+                    room.settle(
+                        await self._index.add_blob(fetch.digest, fetch.received, media_type)
+                    )
+                    await self._index.add_holder(client.registry.name, repository, fetch.digest)
+                except Exception as exc:
+                    # The verified file is in place and being served; a missing row is what
+                    # recovery repairs (local files) or the bucket sweep removes (an object).
+                    # Readers must not be failed for it.
+                    self._backend_failed(exc)
+                    if isinstance(exc, BackendUnavailable):
+                        log.warning(
+                            "blob %s: stored, but indexing it failed: %s", fetch.digest, exc
+                        )
+                    else:
+                        log.exception("blob %s: stored, but indexing it failed", fetch.digest)
         except asyncio.CancelledError:
             writer.discard()
             fetch.failed(RegistryError.unavailable("mirror shutting down"))

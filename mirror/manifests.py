@@ -352,22 +352,17 @@ class ManifestResolver:
         # Reserve room only for bytes that are not on disk yet (the same manifest may already
         # be cached through another repository).
         reserved = 0 if await self._index.get_blob(digest) is not None else len(data)
-        if reserved:
-            await self._evictor.make_room(reserved)
-        try:
-            await self._content.put(digest, data)
-        except BaseException as exc:
-            self._evictor.release(reserved)
-            if self._store.note_if_full(exc):
-                return Manifest(digest, media_type, data)  # served, not cached: the disk is full
-            raise
-        new = await self._index.add_manifest(
-            registry, repository, digest, media_type, len(data), references(data)
-        )
-        if reserved and not new:
-            self._evictor.release(reserved)
-        elif reserved:
-            self._evictor.landed(reserved)
+        async with self._evictor.reserving(reserved) as room:
+            try:
+                await self._content.put(digest, data)
+            except BaseException as exc:
+                if self._store.note_if_full(exc):
+                    return Manifest(digest, media_type, data)  # served, not cached: disk full
+                raise
+            new = await self._index.add_manifest(
+                registry, repository, digest, media_type, len(data), references(data)
+            )
+            room.settle(new)
         if new:
             self._events(
                 "image.cached",

@@ -200,20 +200,17 @@ class HostedContent:
                     if writer.behind:
                         await writer.caught_up()
             await writer.verify()  # the file may have changed since it was hashed
-            await self._evictor.make_room(size)
+        except BaseException:
+            writer.discard()
+            raise
+        async with self._evictor.reserving(size) as room:
             try:
                 await writer.commit()
                 await writer.sync_directory()
             except BaseException:
-                self._evictor.release(size)
+                writer.discard()
                 raise
-        except BaseException:
-            writer.discard()
-            raise
-        if await self._index.add_blob(digest, size, None):
-            self._evictor.landed(size)
-        else:
-            self._evictor.release(size)
+            room.settle(await self._index.add_blob(digest, size, None))
 
     async def mount(self, repository: str, digest: str) -> int | None:
         """Make a stored blob this repository's too (the caller checked the client may pull
@@ -268,20 +265,14 @@ class HostedContent:
             sizes = {**{child: size for child, size in children}, digest: len(data)}
             async with self.quota.reserved({d: sizes.get(d, 0) for d in pinned | {digest}}):
                 known = await self._pin_stored(repository, digest, pinned | {digest})
-                if not known:
-                    await self._evictor.make_room(len(data))
-                try:
+                async with self._evictor.reserving(0 if known else len(data)) as room:
                     if not known:
                         await self._content.put(digest, data)
-                    new = await self._index.add_manifest(
-                        HOSTED, repository, digest, media_type, len(data), children
+                    room.settle(
+                        await self._index.add_manifest(
+                            HOSTED, repository, digest, media_type, len(data), children
+                        )
                     )
-                except BaseException:
-                    if not known:
-                        self._evictor.release(len(data))
-                    raise
-                if not known:
-                    (self._evictor.landed if new else self._evictor.release)(len(data))
             # Again, now that the manifest row is there: GC drops the pins of a manifest
             # without a row, and this one may have been deleted a moment ago.
             await self._index.pin(HOSTED, repository, digest, pinned | {digest})

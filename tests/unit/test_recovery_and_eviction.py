@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from mirror.access import AccessTracker
 from mirror.evict import Evictor
 from mirror.recovery import recover
@@ -87,5 +89,39 @@ async def test_eviction_order_is_lru_and_spares_pins_and_fresh_tags(tmp_path: Pa
     assert done.count == 3
     assert remaining == {digests[0], digests[1], digests[2]}
     assert all(os.path.exists(store.path(d)) == (d in remaining) for d in digests)
+    await evictor.close()
+    await index.close()
+
+
+async def test_a_reservation_is_given_back_unless_the_index_takes_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """`reserving`: a new row lands the bytes (the account keeps them), a row that was there
+    or a failure before the index answered gives them back (an index outage mid-commit
+    kept them counted for good)."""
+    store = BlobStore(tmp_path)
+    index, _ = await recover(store, tmp_path / "index.db")
+    shared = SharedState(tmp_path / "state")
+    evictor = Evictor(
+        index,
+        LocalContent(store),
+        AccessTracker(index),
+        max_size=10_000,
+        tag_ttls={},
+        shared=shared,
+    )
+    await evictor.start()
+    async with evictor.reserving(100) as room:
+        assert evictor.usage == 100
+        room.settle(True)
+    assert evictor.usage == 100
+    async with evictor.reserving(50) as room:
+        room.settle(False)  # indexed already: counted before
+    assert evictor.usage == 100
+    with pytest.raises(OSError):
+        async with evictor.reserving(70):
+            assert evictor.usage == 170
+            raise OSError("the index went away")
+    assert evictor.usage == 100
     await evictor.close()
     await index.close()
