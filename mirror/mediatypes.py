@@ -15,6 +15,7 @@ import functools
 import json
 import re
 from enum import Enum
+from typing import TypeGuard
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -157,12 +158,10 @@ def references(data: bytes) -> list[tuple[str, int]]:
             if entry.get("urls"):
                 continue
             size = entry.get("size")
-            found.append(
-                (entry["digest"], size if isinstance(size, int) and is_descriptor_size(size) else 0)
-            )
+            found.append((entry["digest"], size if is_descriptor_size(size) else 0))
     return found
 
 
-def is_descriptor_size(value: object) -> bool:
+def is_descriptor_size(value: object) -> TypeGuard[int]:
     """A size a descriptor may carry: an int (JSON's true is one in Python) within int64."""
     return type(value) is int and 0 <= value <= MAX_DESCRIPTOR_SIZE

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_TAGS_BODY = 16 * 1024 * 1024  # upstream bytes read for one repository's list, all pages
 MAX_TAG_PAGES = 200
+MAX_N = 10**18  # a page size meaning "all": more than any list holds, within int64
 LIST_TTL = 30.0  # seconds a list read upstream is served again (never beyond the tag_ttl)
 MEMORY_CHARS = 32 * 1024 * 1024  # tag characters kept in memory per worker, all lists
 
@@ -70,9 +71,6 @@ def parse_n(value: str | None) -> int | None:
     # More than any list holds means all of it; past 18 digits int() would pass an index
     # engine's int64, and past 4,300 Python refuses it.
     return int(value) if len(value) <= 18 else MAX_N
-
-
-MAX_N = 10**18
 
 
 def merge_tags(bodies: Iterable[bytes]) -> tuple[str, ...]:
