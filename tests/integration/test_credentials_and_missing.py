@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import time
 from pathlib import Path
 
 import aiohttp
@@ -94,12 +95,16 @@ async def test_a_missing_tag_is_asked_again_after_the_negative_ttl(
     hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
 ) -> None:
     hub.add("library/alpine", "3.19", small_image("later"))
-    base = mirror_url(await start_mirror(hub.registry_url, negative_ttl=0.3))
+    ttl = 2.0  # long enough for two requests on a loaded CI machine
+    base = mirror_url(await start_mirror(hub.registry_url, negative_ttl=ttl))
     url = f"{base}/v2/library/alpine/manifests/soon"
+    asked = time.monotonic()
     assert (await get(http, url, Accept=ALL_TYPES))[0] == 404
+    remembered = time.monotonic()
     hub.add("library/alpine", "soon", image := small_image("soon"))
     assert (await get(http, url, Accept=ALL_TYPES))[0] == 404  # remembered
-    await asyncio.sleep(0.4)
+    assert time.monotonic() - asked < ttl  # else the 404 above proved nothing
+    await asyncio.sleep(remembered + ttl + 0.1 - time.monotonic())
     status, headers, _ = await get(http, url, Accept=ALL_TYPES)
     assert status == 200 and headers["Docker-Content-Digest"] == image.digest
 
@@ -110,15 +115,20 @@ async def test_a_repository_docker_hub_refuses_is_remembered_like_a_404(
     """Docker Hub answers 401 for a missing (or private) repository even with a fresh token.
     A typo'd name pulled five times costs the upstream one exchange, not five."""
     hub.add("library/alpine", "3.19", small_image("typo"))
-    base = mirror_url(await start_mirror(hub.registry_url, negative_ttl=0.5))
+    ttl = 2.0  # long enough for five requests on a loaded CI machine
+    base = mirror_url(await start_mirror(hub.registry_url, negative_ttl=ttl))
     url = f"{base}/v2/library/alpnie/manifests/latest"
-    for _ in range(5):
+    asked = time.monotonic()
+    for n in range(5):
         async with http.head(url, headers={"Accept": ALL_TYPES}) as resp:
             assert resp.status == 401
+        if n == 0:
+            remembered = time.monotonic()
+    assert time.monotonic() - asked < ttl  # else the four hits above proved nothing
     registry, tokens = hub.requests("registry"), hub.requests("token")
     assert len([r for r in registry if "/alpnie/" in r.path]) == 2  # the 401, again after a token
     assert len(tokens) == 2
-    await asyncio.sleep(0.6)  # remembered for negative_ttl only
+    await asyncio.sleep(remembered + ttl + 0.1 - time.monotonic())  # for negative_ttl only
     async with http.head(url, headers={"Accept": ALL_TYPES}) as resp:
         assert resp.status == 401
     assert len([r for r in hub.requests("registry") if "/alpnie/" in r.path]) == 4

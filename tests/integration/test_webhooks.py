@@ -58,18 +58,23 @@ async def test_tag_update_upstream_sends_one_tag_updated_after_revalidation(
 ) -> None:
     old, new = small_image("tag-old"), small_image("tag-new")
     hub.add("team/app", "v1", old)
+    ttl = 2.0  # long enough that eight hits on a loaded CI machine stay inside it
     server = await start_mirror(
-        hub.registry_url, tag_ttl=0.5, webhooks=(WebhookConfig(receiver.url),)
+        hub.registry_url, tag_ttl=ttl, webhooks=(WebhookConfig(receiver.url),)
     )
     base = mirror_url(server)
+    asked = time.monotonic()
     await pull(http, base, "team/app", "v1")
+    cached = time.monotonic()
     hub.add("team/app", "v1", new)  # the tag moves upstream
     await asyncio.gather(*(pull(http, base, "team/app", "v1") for _ in range(8)))  # still fresh
+    assert time.monotonic() - asked < ttl  # else the pulls above proved nothing
     assert receiver.of_type("tag.updated") == []
-    await asyncio.sleep(0.6)  # now stale: the next pulls revalidate, together
+    await asyncio.sleep(cached + ttl + 0.2 - time.monotonic())  # stale: the next pulls revalidate
     results = await asyncio.gather(*(pull(http, base, "team/app", "v1") for _ in range(8)))
+    revalidated = time.monotonic()
     assert all(new.digest in blobs for blobs in results)
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(revalidated + ttl + 0.2 - time.monotonic())
     await pull(http, base, "team/app", "v1")  # revalidated again: same digest, no event
     await receiver.wait_for("tag.updated")
     await asyncio.sleep(0.3)
