@@ -1,6 +1,6 @@
 """Whose connection gets the bytes: a client that leaves, stalls or half-closes in the middle of
 a cached blob never makes the mirror write that blob into someone else's connection, and a
-crowd of stalled readers never slows anyone else down.
+crowd of stalled readers never holds up anyone else's request.
 
 Real `mirror serve` processes with uvloop, as in production: the defects these guard against
 lived in how cached blobs reach the socket (a thread once sent them by a bare fd number that
@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import socket
 import ssl
-import statistics
 import struct
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from tests.fixtures.procs import (
     memory_mib,
     mirror_process,
 )
-from tests.integration.test_pull_path import ALL_TYPES
+from tests.fixtures.stalled import hit_latencies, p99, request, stalled_readers, tiny_socket
 
 MiB = 1 << 20
 ROUNDS = 10
@@ -42,18 +41,6 @@ pytestmark = pytest.mark.backends("local", "s3")
 def _address(mirror: Service) -> tuple[str, int]:
     host, port = mirror.url.removeprefix("http://").split(":")
     return host, int(port)
-
-
-def _tiny_socket(address: tuple[str, int]) -> socket.socket:
-    """A blocking client socket with a small receive buffer: the mirror fills it at once."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(address)
-    return sock
-
-
-def _request(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: m\r\n\r\n".encode()
 
 
 async def _warm(mirror: Service, path: str) -> bytes:
@@ -88,8 +75,8 @@ def _drain(sock: socket.socket, seconds: float) -> bytes:
 async def _leaked_into_bystanders(address: tuple[str, int], leave: str, path: str) -> bytes:
     """One client asks for the blob and leaves (`reset`: RST; `half-close`: FIN, then stops
     reading); fresh connections open right after, send nothing and must receive nothing."""
-    client = _tiny_socket(address)
-    client.sendall(_request(path))
+    client = tiny_socket(address)
+    client.sendall(request(path))
     client.recv(512)  # the head has been sent: the body transfer is under way
     await asyncio.sleep(0.2)  # ... and stuck on the full socket buffers
     if leave == "reset":
@@ -128,31 +115,16 @@ async def test_a_leaving_client_never_gets_its_blob_written_into_another_connect
 
 STALLED = 300
 SAMPLES = 200
+HIT_DEADLINE = 5.0  # seconds: frozen hits used to wait for the 120 s stall timeout
 
 
-async def _hit_latencies(url: str, manifest_url: str) -> list[float]:
-    """Sequential cached blob and manifest GETs, each on a fresh connection: seconds each."""
-    times: list[float] = []
-    async with aiohttp.ClientSession(
-        auto_decompress=False, connector=aiohttp.TCPConnector(force_close=True)
-    ) as http:
-        for n in range(SAMPLES):
-            started = time.perf_counter()
-            target, headers = (url, {}) if n % 2 else (manifest_url, {"Accept": ALL_TYPES})
-            async with http.get(target, headers=headers) as resp:
-                assert resp.status == 200
-                await resp.read()
-            times.append(time.perf_counter() - started)
-    return times
-
-
-def p99(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100)[98]
-
-
-async def test_stalled_readers_do_not_slow_other_clients_hits(hub: FakeHub, tmp_path: Path) -> None:
+async def test_stalled_readers_leave_other_clients_hits_and_misses_served(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     """300 clients that ask for a cached 64 MiB layer and never read hold nothing the others
-    need: the p99 of other clients' hits moves by less than 2x, and a miss still completes."""
+    need (once they held the pool threads that sent blobs, and every hit on the worker waited
+    for them): beside them every hit is answered whole within seconds, and a miss (fsync,
+    rename) completes. How much the hits' p99 moves is a figure of `bench/stalled`."""
     big = big_image("stalled", 64 * MiB, seed=42)
     small = small_image("bystander")
     late = small_image("late-miss")
@@ -165,21 +137,12 @@ async def test_stalled_readers_do_not_slow_other_clients_hits(hub: FakeHub, tmp_
         await _warm(mirror, big_path)
         await _warm(mirror, small_path)
         manifest_url = f"{mirror.url}/v2/team/small/manifests/{small.digest}"
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(manifest_url, headers={"Accept": ALL_TYPES}) as resp,
-        ):
-            assert resp.status == 200
-        before = await _hit_latencies(mirror.url + small_path, manifest_url)
-        address = _address(mirror)
-        stalled = []
-        for _ in range(STALLED):
-            sock = await asyncio.to_thread(_tiny_socket, address)
-            sock.sendall(_request(big_path))
-            stalled.append(sock)
+        await hit_latencies(mirror.url + small_path, manifest_url, 2)  # the manifest is cached
+        stalled = await stalled_readers(_address(mirror), big_path, STALLED)
         await asyncio.sleep(1.0)  # every one of them is now blocked on a full socket buffer
-        during = await _hit_latencies(mirror.url + small_path, manifest_url)
-        # A miss needs the commit machinery (fsync, rename) that stalled readers once held.
+        during = await hit_latencies(
+            mirror.url + small_path, manifest_url, SAMPLES, timeout=HIT_DEADLINE
+        )
         started = time.perf_counter()
         async with (
             aiohttp.ClientSession(auto_decompress=False) as http,
@@ -195,10 +158,9 @@ async def test_stalled_readers_do_not_slow_other_clients_hits(hub: FakeHub, tmp_
             with contextlib.suppress(OSError):
                 sock.close()
     print(
-        f"hit p99 {p99(before) * 1000:.2f} ms alone, {p99(during) * 1000:.2f} ms beside "
-        f"{STALLED} stalled readers; a miss meanwhile {miss * 1000:.0f} ms"
+        f"beside {STALLED} stalled readers: hit p99 {p99(during) * 1000:.2f} ms, "
+        f"slowest {max(during) * 1000:.0f} ms; a miss {miss * 1000:.0f} ms"
     )
-    assert p99(during) <= 2 * p99(before), (p99(before), p99(during))
 
 
 TLS_STALLED = 200
@@ -234,7 +196,7 @@ async def test_stalled_readers_over_tls_hold_little_memory(hub: FakeHub, tmp_pat
             _, writer = await asyncio.open_connection(
                 sock=sock, ssl=context, server_hostname="127.0.0.1", limit=1 << 16
             )
-            writer.write(_request(path))
+            writer.write(request(path))
             stalled.append(writer)
         await asyncio.sleep(2)
         grown = memory_mib(mirror.proc.pid) - before
