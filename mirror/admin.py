@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from mirror.config import ConfigError, parse_duration
 from mirror.errors import RegistryError
 from mirror.hosted.gc import GRACE, collect
+from mirror.jsondoc import parse_json
 from mirror.keys import CONFIG, EVICTOR, HEALTH, HOSTED_REGISTRY, INDEX, RESOLVER
 from mirror.mediatypes import INDEX_TYPES, references
 from mirror.metrics import registry
@@ -47,7 +48,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_type in FORMS:
         return {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
     try:
-        body = await request.json()
+        body = await request.json(loads=parse_json)
     except ValueError:
         raise RegistryError(400, "UNSUPPORTED", "the body must be JSON") from None
     if not isinstance(body, dict):

@@ -12,10 +12,11 @@ Docker schema2, a Docker list by digest and any other type are served whatever t
 from __future__ import annotations
 
 import functools
-import json
 import re
 from enum import Enum
 from typing import TypeGuard
+
+from mirror.jsondoc import parse_json
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -101,8 +102,8 @@ def content_type_of(data: bytes, header: str | None) -> str:
         ):
             return media_type
     try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
+        doc = parse_json(data)
+    except ValueError:
         doc = None
     if isinstance(doc, dict) and is_media_type(doc.get("mediaType")):
         return str(doc["mediaType"])
@@ -114,8 +115,8 @@ def content_type_of(data: bytes, header: str | None) -> str:
 def platform_child(index_bytes: bytes, platform: tuple[str, str] = DEFAULT_PLATFORM) -> str | None:
     """The digest of an index entry for `platform` (os, architecture), or None."""
     try:
-        doc = json.loads(index_bytes)
-    except (ValueError, RecursionError):
+        doc = parse_json(index_bytes)
+    except ValueError:
         return None
     entries = doc.get("manifests") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
@@ -141,8 +142,8 @@ def references(data: bytes) -> list[tuple[str, int]]:
     repository: counted as held, any public manifest could name another repository's private
     layer and unlock it from the cache (see membership.py)."""
     try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
+        doc = parse_json(data)
+    except ValueError:
         return []
     if not isinstance(doc, dict):
         return []

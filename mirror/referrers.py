@@ -29,6 +29,7 @@ from typing import Any
 from cachetools import LRUCache
 
 from mirror.errors import RegistryError
+from mirror.jsondoc import parse_json
 from mirror.manifests import ManifestResolver, Result
 from mirror.mediatypes import MAX_MANIFEST_BYTES, OCI_INDEX
 from mirror.singleflight import SingleFlight
@@ -65,8 +66,8 @@ def referrers_tag(digest: str) -> str:
 def descriptors_of(data: bytes) -> list[Descriptor] | None:
     """The `manifests` of an image index, or None if `data` is not one."""
     try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
+        doc = parse_json(data)
+    except ValueError:
         return None
     entries = doc.get("manifests") if isinstance(doc, dict) else None
     if not isinstance(entries, list):

@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 from cachetools import LRUCache
 
 from mirror.errors import RegistryError
+from mirror.jsondoc import parse_json
 from mirror.manifests import Result
 from mirror.singleflight import SingleFlight
 from mirror.upstream.client import RegistryClient, is_transient
@@ -78,10 +79,7 @@ def merge_tags(bodies: Iterable[bytes]) -> tuple[str, ...]:
     `"tags": null` is an empty page). ValueError for anything else."""
     tags: set[str] = set()
     for body in bodies:
-        try:
-            doc = json.loads(body)
-        except RecursionError as exc:  # nested past the parser's depth: no tag list either
-            raise ValueError("not a tag list") from exc
+        doc = parse_json(body)
         page = doc.get("tags") if isinstance(doc, dict) else ()
         if page is None:
             continue

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from mirror.errors import RegistryError
 from mirror.evict import Evictor
 from mirror.fetch import BlobFetcher
 from mirror.hosted.quota import HostedQuota
+from mirror.jsondoc import parse_json
 from mirror.manifests import Manifest
 from mirror.mediatypes import (
     INDEX_TYPES,
@@ -70,8 +70,8 @@ def parse_pushed_manifest(data: bytes, content_type: str | None) -> tuple[str, d
     of the manifest types the mirror serves, well-formed, and its `mediaType` (when it has
     one) is the Content-Type it was pushed with."""
     try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
+        doc = parse_json(data)
+    except ValueError as exc:
         raise manifest_invalid("the manifest is not JSON") from exc
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
         raise manifest_invalid("schemaVersion 2 manifests only")
@@ -417,8 +417,8 @@ class HostedContent:
         for manifest_digest in await self._index.manifests_of(HOSTED, repository):
             try:
                 manifest = await self.manifest(repository, manifest_digest)
-                doc = json.loads(manifest.data)
-            except (RegistryError, ValueError, RecursionError):
+                doc = parse_json(manifest.data)
+            except (RegistryError, ValueError):
                 continue
             if not isinstance(doc, dict) or subject_of(doc) != digest:
                 continue

@@ -12,7 +12,6 @@ Facts this encodes (see docs/protocol.md, "The upstream"):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ import aiohttp
 
 from mirror.config import RegistryConfig
 from mirror.errors import RegistryError
+from mirror.jsondoc import parse_json
 from mirror.metrics import (
     CREDENTIALS_WITHHELD,
     RATELIMIT_LIMIT,
@@ -118,9 +118,9 @@ async def upstream_error(resp: aiohttp.ClientResponse, what: str, reference: str
     code = None
     if resp.status == 404 and resp.method != "HEAD":
         try:
-            body = json.loads(await resp.content.read(64 * 1024))
+            body = parse_json(await resp.content.read(64 * 1024))
             code = body["errors"][0]["code"]
-        except (ValueError, RecursionError, KeyError, IndexError, TypeError, *TRANSIENT_ERRORS):
+        except (ValueError, KeyError, IndexError, TypeError, *TRANSIENT_ERRORS):
             code = None
     return status_error(resp.status, resp.headers, what, reference, code)
 
@@ -342,7 +342,7 @@ class RegistryClient:
                     raise RegistryError.unavailable(
                         f"upstream token service answered {resp.status}"
                     )
-                body = await resp.json(content_type=None)
+                body = await resp.json(content_type=None, loads=parse_json)
         except TRANSIENT_ERRORS as exc:
             TOKEN_REQUESTS.labels(self.registry.name, "error").inc()
             self._upstream_error("token", "unreachable", type(exc).__name__)

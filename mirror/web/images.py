@@ -7,12 +7,12 @@ page of 50 images costs 50 dictionary lookups once warm.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from cachetools import LRUCache
 
+from mirror.jsondoc import parse_json
 from mirror.mediatypes import INDEX_TYPES
 from mirror.store.blobs.base import ContentStore
 from mirror.store.index import ImageRow, Index
@@ -69,8 +69,8 @@ def _document(data: bytes | None) -> dict[str, object]:
     if data is None:
         return {}
     try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
+        doc = parse_json(data)
+    except ValueError:
         return {}
     return doc if isinstance(doc, dict) else {}
 

@@ -573,6 +573,18 @@ async def test_token_service_down_is_a_clean_503_and_cached_tags_stay_served(
     assert headers["X-Mirror-Cache"] in ("hit", "stale")
 
 
+@pytest.mark.parametrize("answer", [b"not json", b"[" * 100_000 + b"]" * 100_000])
+async def test_a_token_service_answering_no_json_is_a_clean_503(
+    hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession, answer: bytes
+) -> None:
+    """Nested past the parser's depth, a token answer once raised RecursionError: a 500."""
+    hub.add("library/busybox", "1", small_image("no-token"))
+    base = mirror_url(await start_mirror(hub.registry_url))
+    hub.token_body = answer
+    status, _, body = await get(http, f"{base}/v2/library/busybox/manifests/1", Accept=ALL_TYPES)
+    assert status == 503 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+
+
 async def test_upstream_downloads_beyond_the_cap_wait_their_turn(
     hub: FakeHub, start_mirror: StartMirror, http: aiohttp.ClientSession
 ) -> None:
